@@ -1,0 +1,131 @@
+"""Model boundary ops: the input image, token pooling and the classifier head."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from ..types import Cost, TensorType
+from .base import Attrs, OpDef, register_op
+
+
+@register_op
+class Input(OpDef):
+    """`input image 3x224x224`: the model's one input, channels x height x width."""
+
+    kind = "input"
+    default_name = "input"
+    positional = ("kind", "size")
+    size_fields = ("size",)
+    inputs = (0, 0)
+
+    class Attrs(Attrs):
+        kind: Literal["image"] = "image"
+        size: tuple[int, int, int]
+
+    def infer(self, node, ins):
+        c, h, w = node.attrs.size
+        if min(c, h, w) < 1:
+            raise node.error(f"input size {c}x{h}x{w} must be positive in every dimension", "size")
+        if c * h * w > 2**31:
+            raise node.error(f"input size {c}x{h}x{w} is too large", "size")
+        return TensorType(kind="image", shape=(c, h, w))
+
+    def build_torch(self, node, ins, out):
+        return nn.Identity()
+
+
+def _pool(x: torch.Tensor, how: str, prefix: int) -> torch.Tensor:
+    if how == "cls":
+        return x[:, 0]  # (B, N, C) -> (B, C): the first class token
+    return x[:, prefix:].mean(dim=1)  # mean over patch tokens, class tokens excluded
+
+
+def _pooled(node, t: TensorType, how: str | None, attr: str) -> TensorType:
+    if t.kind != "tokens":
+        raise node.error(f"{node.op} pool={how} needs tokens, but its input is {t.kind} {t}", attr)
+    if how == "cls" and t.prefix < 1:
+        raise node.error("pool=cls needs a class token; add `tokens cls=1` or use pool=mean", attr)
+    return TensorType(kind="vector", shape=(t.channels,))
+
+
+class _Pool(nn.Module):
+    def __init__(self, how: str, prefix: int):
+        super().__init__()
+        self.how, self.prefix = how, prefix
+
+    def forward(self, x):
+        return _pool(x, self.how, self.prefix)
+
+
+@register_op
+class Pool(OpDef):
+    """`pool mean`: tokens -> one vector (class token or mean of patch tokens)."""
+
+    kind = "pool"
+    default_name = "pool"
+    positional = ("kind",)
+
+    class Attrs(Attrs):
+        kind: Literal["cls", "mean"]
+
+    def infer(self, node, ins):
+        return _pooled(node, ins[0], node.attrs.kind, "kind")
+
+    def cost(self, node, ins, out):
+        return Cost(act_bytes=4 * out.numel)
+
+    def build_torch(self, node, ins, out):
+        return _Pool(node.attrs.kind, ins[0].prefix)
+
+
+class HeadLinear(nn.Linear):
+    """Pool (optional) then a linear classifier; weights sit at `head.weight` as in timm."""
+
+    def __init__(self, cin: int, classes: int, bias: bool, pool: str | None, prefix: int):
+        super().__init__(cin, classes, bias=bias)
+        self.pool, self.prefix = pool, prefix
+
+    def forward(self, x):
+        if self.pool is not None:
+            x = _pool(x, self.pool, self.prefix)
+        return super().forward(x)
+
+
+@register_op
+class Head(OpDef):
+    """`head pool=cls classes=1000`: the classifier."""
+
+    kind = "head"
+    default_name = "head"
+
+    class Attrs(Attrs):
+        classes: int = Field(ge=1, le=10**7)
+        pool: Literal["cls", "mean"] | None = None
+        bias: bool = True
+
+    def infer(self, node, ins):
+        t = ins[0]
+        if t.kind == "tokens":
+            if node.attrs.pool is None:
+                raise node.error("head on tokens needs pool=cls or pool=mean")
+            t = _pooled(node, t, node.attrs.pool, "pool")
+        elif node.attrs.pool is not None:
+            raise node.error(f"head input is already a {t.kind} ({t}); drop pool=", "pool")
+        if t.kind != "vector":
+            raise node.error(f"head needs tokens or a vector, got {t.kind} {t}")
+        return TensorType(kind="vector", shape=(node.attrs.classes,))
+
+    def cost(self, node, ins, out):
+        cin, k = ins[0].channels, node.attrs.classes
+        return Cost(params=cin * k + (k if node.attrs.bias else 0), macs=cin * k, act_bytes=4 * k)
+
+    def build_torch(self, node, ins, out):
+        a = node.attrs
+        m = HeadLinear(ins[0].channels, a.classes, a.bias, a.pool, ins[0].prefix if ins[0].kind == "tokens" else 0)
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+        return m

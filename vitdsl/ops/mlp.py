@@ -1,0 +1,67 @@
+"""The transformer MLP: fc1 -> activation -> fc2."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn as nn
+from pydantic import Field
+
+from ..types import Cost
+from .base import Attrs, OpDef, register_op
+
+ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": lambda: nn.ReLU(),
+    "silu": lambda: nn.SiLU(),
+}
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = ACTIVATIONS[act]()
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@register_op
+class MlpOp(OpDef):
+    """`mlp ratio=4.0 act=gelu`: hidden width int(dim * ratio), as in timm."""
+
+    kind = "mlp"
+    default_name = "mlp"
+
+    class Attrs(Attrs):
+        ratio: float = Field(4.0, gt=0, le=1024)
+        act: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu"
+        bias: bool = True
+
+    def hidden(self, node, c: int) -> int:
+        return int(c * node.attrs.ratio)
+
+    def infer(self, node, ins):
+        t = ins[0]
+        if t.kind == "image":
+            raise node.error(f"mlp needs tokens or a vector, got an image {t}")
+        if self.hidden(node, t.channels) < 1:
+            raise node.error(f"ratio={node.attrs.ratio} leaves no hidden units", "ratio")
+        return t
+
+    def cost(self, node, ins, out):
+        c = out.channels
+        h, b = self.hidden(node, c), node.attrs.bias
+        tokens = out.shape[0] if out.kind == "tokens" else 1
+        return Cost(params=2 * c * h + ((h + c) if b else 0), macs=2 * tokens * c * h, act_bytes=4 * out.numel)
+
+    def build_torch(self, node, ins, out):
+        c = out.channels
+        m = Mlp(c, self.hidden(node, c), node.attrs.act, node.attrs.bias)
+        for lin in (m.fc1, m.fc2):
+            nn.init.trunc_normal_(lin.weight, std=0.02)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        return m

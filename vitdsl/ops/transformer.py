@@ -1,0 +1,43 @@
+"""The pre-norm transformer block, as a composite of primitive ops:
+
+    x = x + attn(norm1(x))      (res1)
+    x = x + mlp(norm2(x))       (res2)
+
+Sub-node names (norm1, attn, norm2, mlp) follow timm, so state_dict keys line up.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Attrs, OpDef, SubNode, register_op
+
+
+@register_op
+class Transformer(OpDef):
+    """`transformer dim=384 heads=6 mlp=4.0 qkv_bias`: one pre-norm ViT block."""
+
+    kind = "transformer"
+    default_name = "block"
+    composite = True
+
+    class Attrs(Attrs):
+        heads: int = Field(ge=1, le=4096)
+        dim: int | None = Field(None, ge=1)
+        mlp: float = Field(4.0, gt=0, le=1024)
+        act: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu"
+        attn: Literal["global"] = "global"
+        qkv_bias: bool = False
+        eps: float = Field(1e-6, gt=0, lt=1)
+
+    def expand(self, a):
+        return [
+            SubNode(suffix="norm1", op="norm", attrs={"eps": a.eps}, inputs=["<in>"], spans_from={"eps": "eps"}),
+            SubNode(suffix="attn", op="attention", attrs={"heads": a.heads, "attn": a.attn, "qkv_bias": a.qkv_bias, "dim": a.dim},
+                    inputs=["norm1"], spans_from={"heads": "heads", "dim": "dim", "attn": "attn"}),
+            SubNode(suffix="res1", op="add", attrs={}, inputs=["<in>", "attn"]),
+            SubNode(suffix="norm2", op="norm", attrs={"eps": a.eps}, inputs=["res1"], spans_from={"eps": "eps"}),
+            SubNode(suffix="mlp", op="mlp", attrs={"ratio": a.mlp, "act": a.act}, inputs=["norm2"], spans_from={"ratio": "mlp", "act": "act"}),
+            SubNode(suffix="res2", op="add", attrs={}, inputs=["res1", "mlp"]),
+        ]
