@@ -1,0 +1,194 @@
+"""Shared helpers for the bench/ scripts: statistics, machine facts, tables, and the
+atomic update of one section of docs/benchmarks.md.
+
+Each benchmark owns the part of docs/benchmarks.md between
+
+    <!-- BEGIN bench:NAME -->
+    <!-- END bench:NAME -->
+
+and rewrites only that part (temp file in the same directory + os.replace), so the
+scripts can be run one at a time in any order.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+SPECS = ROOT / "specs"
+
+DOC_HEADER = """# Benchmarks
+
+Figures produced by the scripts in `bench/` (see `bench/README.md`).  Each section
+below is rewritten by its own script (`--write-doc`); everything between a section's
+`BEGIN`/`END` markers is generated, so edit the scripts, not the figures.
+
+All CPU figures are wall-clock times from `time.perf_counter`, medians of repeated
+runs.  The machines used so far are small shared VMs: other work (test runs) may be
+running at the same time, so the scripts interleave the contenders, repeat, and
+report medians; the load average at the start and end of each run is recorded.
+
+GPU figures: pending (no GPU was available on the machine that produced these figures).
+"""
+
+
+# ------------------------------------------------------------------ statistics
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def quantile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (q in [0, 1])."""
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def iqr(xs: Sequence[float]) -> tuple[float, float]:
+    return quantile(xs, 0.25), quantile(xs, 0.75)
+
+
+def linfit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:
+    """Least squares y = a*x + b; returns (slope a, intercept b, R^2)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    a = sxy / sxx
+    b = my - a * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - (a * x + b)) ** 2 for x, y in zip(xs, ys))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot else 1.0
+    return a, b, r2
+
+
+# ------------------------------------------------------------------ machine
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def machine_lines(extra: Iterable[str] = ()) -> list[str]:
+    import torch
+
+    lines = [
+        f"- CPU: {cpu_model()}; {os.cpu_count()} logical cores visible "
+        f"(`os.sched_getaffinity`: {len(os.sched_getaffinity(0))})",
+        f"- Python {platform.python_version()}, torch {torch.__version__}",
+    ]
+    try:
+        import timm
+
+        lines[-1] += f", timm {timm.__version__}"
+    except Exception:  # pragma: no cover - timm is a test extra
+        pass
+    try:
+        import lark
+        import pydantic
+
+        lines[-1] += f", lark {lark.__version__}, pydantic {pydantic.VERSION}"
+    except Exception:  # pragma: no cover
+        pass
+    lines.append(f"- OS: {platform.platform()}")
+    lines.extend(extra)
+    return lines
+
+
+def now() -> str:
+    return _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def command_line() -> str:
+    """The command as it would be typed from the repository root."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    return " ".join([".venv/bin/python", shlex.quote(script), *map(shlex.quote, sys.argv[1:])])
+
+
+# ------------------------------------------------------------------ tables
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-markdown table that also reads well in a terminal."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+
+    sep = "|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+# ------------------------------------------------------------------ the doc
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- BEGIN bench:{name} -->", f"<!-- END bench:{name} -->"
+
+
+ORDER = ["frontend", "build_time", "latency"]
+
+
+def update_doc(name: str, body: str, doc: Path = DOC) -> Path:
+    """Replace (or add) the section `name` of docs/benchmarks.md, atomically."""
+    begin, end = _markers(name)
+    text = doc.read_text() if doc.exists() else DOC_HEADER
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        _, post = rest.split(end, 1)
+        text = pre + block + post
+    else:
+        # Insert before the first later section in ORDER, else append.
+        later = [n for n in ORDER[ORDER.index(name) + 1:]] if name in ORDER else []
+        pos = -1
+        for n in later:
+            b, _ = _markers(n)
+            if b in text:
+                pos = text.index(b)
+                break
+        if pos >= 0:
+            text = text[:pos] + block + "\n\n" + text[pos:]
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".benchmarks.", suffix=".md.tmp", dir=doc.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, doc)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return doc
+
+
+def fmt_ms(seconds: float, digits: int = 2) -> str:
+    return f"{seconds * 1e3:.{digits}f}"

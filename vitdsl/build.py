@@ -1,0 +1,95 @@
+"""`vitdsl build`: a spec -> a directory of artifacts, written atomically.
+
+torch backend output:
+  model.safetensors  weights (state_dict keys = node names)
+  spec.vit           the canonical spec the weights belong to
+  model.pt2          torch.export program (dynamic batch)
+  summary.json       per-layer table and totals
+  manifest.json      what is here, spec hash, versions
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from typing import Callable
+
+from .atomic import staged_dir
+from .errors import SpecError
+from .graph import Graph
+
+BACKENDS = ("torch",)
+
+
+def spec_hash(graph: Graph) -> str:
+    return hashlib.sha256(graph.to_vit().encode()).hexdigest()
+
+
+def load_weights(model, path: str) -> None:
+    """Load safetensors weights strictly, naming every missing or unexpected tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SpecError(f"cannot read weights: {e}", filename=path) from None
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append("missing " + ", ".join(result.missing_keys))
+    if result.unexpected_keys:
+        problems.append("unexpected " + ", ".join(result.unexpected_keys))
+    if problems:
+        raise SpecError("weights do not match the spec: " + "; ".join(problems), filename=path)
+
+
+def build(graph: Graph, out: str, backend: str = "torch", seed: int = 0, weights: str | None = None,
+          progress: Callable[[str], None] = lambda s: None) -> dict:
+    if backend not in BACKENDS:
+        raise SpecError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+    import torch
+    from safetensors.torch import save_file
+
+    from .api import compile
+
+    progress("building module")
+    model = compile(graph, seed=seed).eval()
+    if weights:
+        load_weights(model, weights)
+    with staged_dir(out) as tmp:
+        progress("writing weights")
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"spec_sha256": spec_hash(graph)})
+        with open(os.path.join(tmp, "spec.vit"), "w") as f:
+            f.write(graph.to_vit())
+        progress("exporting with torch.export")
+        c, h, w = graph.input.out.shape
+        example = torch.randn(2, c, h, w)
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        with torch.no_grad():
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, os.path.join(tmp, "model.pt2"))
+        total = graph.total()
+        summary = {"model": graph.name, "params": total.params, "macs": total.macs,
+                   "act_bytes": total.act_bytes, "input": [c, h, w], "layers": graph.summary()}
+        with open(os.path.join(tmp, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        manifest = {
+            "model": graph.name, "backend": backend, "spec_sha256": spec_hash(graph),
+            "files": sorted(os.listdir(tmp)) + ["manifest.json"],
+            "input_shape": {"min": [1, c, h, w], "max": [4096, c, h, w]},
+            "versions": {"vitdsl": _version(), "torch": torch.__version__, "python": platform.python_version()},
+            "seed": seed, "weights": os.path.basename(weights) if weights else None,
+        }
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        progress("done")
+    return manifest
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -1,0 +1,158 @@
+"""The `vitdsl` command line.  User errors print a diagnostic and exit 1, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import sys
+import time
+
+from .errors import SpecError
+
+
+def _load(args):
+    from .api import load
+
+    return load(args.spec, max_params=args.max_params)
+
+
+def _spec_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", metavar="SPEC", help="path to a .vit file")
+    p.add_argument("--max-params", type=int, default=10**10, metavar="N",
+                   help="refuse models with more parameters than this (default: 10^10)")
+
+
+def cmd_check(args) -> int:
+    """Validate a spec and print its per-layer table."""
+    from .table import human, render
+
+    g = _load(args)
+    rows = []
+    for r in g.summary():
+        rows.append([r["name"], r["op"], r["shape"], f"{r['params']:,}" if r["params"] else "-", human(r["macs"]) if r["macs"] else "-"])
+    t = g.total()
+    footer = [["total", f"{len(g)} nodes", f"in {g.input.out}", f"{t.params:,}", human(t.macs)]]
+    print(f"{g.name}  ({args.spec})")
+    print(render(["name", "op", "output", "params", "MACs"], rows, right={3, 4}, footer=footer))
+    print(f"params {t.params:,} ({human(t.params)})  MACs {human(t.macs)}  activations {human(t.act_bytes, 'B')} per image (fp32)")
+    return 0
+
+
+def _progress(enabled: bool):
+    start = time.perf_counter()
+    steps = ["building module", "writing weights", "exporting with torch.export", "done"]
+
+    def report(msg: str) -> None:
+        if not enabled:
+            return
+        i = steps.index(msg) + 1 if msg in steps else 0
+        bar = "#" * (i * 20 // len(steps))
+        print(f"\r[{bar:<20}] {i}/{len(steps)} {msg:<32} {time.perf_counter() - start:5.1f}s", end="", file=sys.stderr, flush=True)
+        if msg == "done":
+            print(file=sys.stderr)
+
+    return report
+
+
+def cmd_build(args) -> int:
+    """Compile a spec and write its artifacts to a directory, atomically."""
+    from .build import build
+
+    g = _load(args)
+    out = args.output or os.path.join("build", g.name)
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(parent) and not os.access(parent, os.W_OK):
+        raise SpecError(f"cannot write to {parent}: permission denied", filename=out)
+    manifest = build(g, out, backend=args.backend, seed=args.seed, weights=args.weights,
+                     progress=_progress(not args.quiet and sys.stderr.isatty()))
+    print(f"wrote {out}/: {', '.join(manifest['files'])}")
+    return 0
+
+
+def cmd_fmt(args) -> int:
+    """Rewrite a spec in canonical layout (or with --check, report whether it is)."""
+    from .atomic import write_text
+    from .fmt import format_text
+
+    try:
+        with open(args.spec, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SpecError(f"cannot read spec: {e.strerror}", filename=args.spec) from None
+    new = format_text(data, args.spec)
+    old = data.decode("utf-8")
+    if args.check:
+        if new != old:
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), args.spec, args.spec + " (formatted)"))
+            print(f"{args.spec}: would reformat", file=sys.stderr)
+            return 1
+        return 0
+    if new != old:
+        write_text(args.spec, new)
+        print(f"formatted {args.spec}")
+    return 0
+
+
+def cmd_graph(args) -> int:
+    """Draw the graph as SVG or Graphviz DOT (chosen by the output's extension)."""
+    from .atomic import write_text
+    from .render import to_dot, to_svg
+
+    g = _load(args)
+    ext = os.path.splitext(args.output)[1].lower()
+    if ext not in (".svg", ".dot", ".gv"):
+        raise SpecError(f"output must end in .svg or .dot, got '{args.output}'", filename=args.output)
+    write_text(args.output, to_svg(g) if ext == ".svg" else to_dot(g))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="vitdsl", description="A language and compiler for vision transformers.")
+    p.add_argument("--version", action="version", version=f"vitdsl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    c = sub.add_parser("check", help="validate a spec and print its per-layer table", description=cmd_check.__doc__)
+    _spec_arg(c)
+    c.set_defaults(func=cmd_check)
+
+    b = sub.add_parser("build", help="compile a spec into artifacts", description=cmd_build.__doc__)
+    _spec_arg(b)
+    b.add_argument("--backend", default="torch", choices=["torch"], help="what to build (default: torch)")
+    b.add_argument("-o", "--output", metavar="OUT", help="output directory (default: build/MODEL)")
+    b.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
+    b.add_argument("--weights", metavar="FILE", help="safetensors weights to load instead of random init")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_build)
+
+    f = sub.add_parser("fmt", help="format a spec in place", description=cmd_fmt.__doc__)
+    f.add_argument("spec", metavar="SPEC", help="path to a .vit file")
+    f.add_argument("--check", action="store_true", help="do not write; exit 1 and show a diff if the file is not formatted")
+    f.set_defaults(func=cmd_fmt)
+
+    gr = sub.add_parser("graph", help="draw the graph (.svg or .dot)", description=cmd_graph.__doc__)
+    _spec_arg(gr)
+    gr.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.svg or FILE.dot")
+    gr.set_defaults(func=cmd_graph)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"{getattr(e, 'filename', '') or 'vitdsl'}: error: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

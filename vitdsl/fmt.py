@@ -1,0 +1,147 @@
+"""`vitdsl fmt`: print a spec's AST back in the canonical layout, comments kept.
+
+The formatter keeps what the author wrote (variables, templates, argument order) and
+normalises layout only: two-space indentation, one space between arguments, ' = '
+in lets, one blank line at most between statements and one between top-level items.
+"""
+from __future__ import annotations
+
+from . import ast as A
+from .syntax import parse
+
+INDENT = "  "
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2}
+
+
+def expr_text(e: A.Expr, prec: int = 0, tight: bool = False) -> str:
+    """An expression as text; `tight` drops spaces around operators (inside arguments)."""
+    if isinstance(e, A.Num):
+        return e.text or repr(e.value)
+    if isinstance(e, A.Str):
+        return f'"{e.value}"'
+    if isinstance(e, A.Size):
+        return "x".join(str(d) for d in e.dims)
+    if isinstance(e, A.Ref):
+        return e.dotted
+    if isinstance(e, A.Neg):
+        return "-" + expr_text(e.operand, 3, tight)
+    if isinstance(e, A.BinOp):
+        p = _PREC[e.op]
+        op = e.op if tight else f" {e.op} "
+        text = f"{expr_text(e.left, p, tight)}{op}{expr_text(e.right, p + 1, tight)}"
+        return f"({text})" if p < prec else text
+    if isinstance(e, A.TupleExpr):
+        inner = ", ".join(expr_text(i) for i in e.items)
+        return f"({inner},)" if len(e.items) == 1 else f"({inner})"
+    if isinstance(e, A.Call):
+        return f"{e.name}(" + ", ".join(arg_text(a) for a in e.args) + ")"
+    raise TypeError(e)  # pragma: no cover
+
+
+def arg_text(a: A.Arg) -> str:
+    v = expr_text(a.value, tight=True)
+    return v if a.key is None else f"{a.key}={v}"
+
+
+class _Printer:
+    def __init__(self, spec: A.SpecFile):
+        self.lines: list[str] = []
+        self.comments = sorted(spec.comments, key=lambda c: c.line)
+        self.last_line = 0  # last source line accounted for
+
+    def _flush_comments(self, before: int, depth: int) -> None:
+        while self.comments and self.comments[0].line < before and self.comments[0].own_line:
+            c = self.comments.pop(0)
+            self._gap(c.line)
+            self.lines.append(INDENT * depth + c.text)
+            self.last_line = c.line
+
+    def _gap(self, line: int) -> None:
+        if self.lines and line > self.last_line + 1 and self.lines[-1].strip() and not self.lines[-1].endswith("{"):
+            self.lines.append("")
+
+    def _trailing(self, line: int) -> str:
+        for i, c in enumerate(self.comments):
+            if c.line == line and not c.own_line:
+                self.comments.pop(i)
+                return "  " + c.text
+        return ""
+
+    def emit(self, text: str, line: int, depth: int, end_line: int | None = None) -> None:
+        self._flush_comments(line, depth)
+        self._gap(line)
+        self.lines.append(INDENT * depth + text + self._trailing(line))
+        self.last_line = end_line or line
+
+    def block(self, header: str, span, body, depth: int) -> None:
+        self.emit(header + " {", span.line, depth)
+        for s in body:
+            self.stmt(s, depth + 1)
+        end = span.end_line or span.line
+        self._flush_comments(end, depth + 1)
+        if self.lines[-1].endswith("{") and end == span.line:  # one-line block: keep it short
+            self.lines[-1] = self.lines[-1] + " }"
+        else:
+            self.lines.append(INDENT * depth + "}" + self._trailing(end))
+        self.last_line = end
+
+    def stmt(self, s, depth: int) -> None:
+        if isinstance(s, A.LetStmt):
+            self.emit(f"let {s.name} = {expr_text(s.value)}", s.span.line, depth)
+        elif isinstance(s, A.OpStmt):
+            text = " ".join([s.op] + [arg_text(a) for a in s.args])
+            self.emit(f"{s.label}: {text}" if s.label else text, s.span.line, depth)
+        elif isinstance(s, A.StageStmt):
+            head = " ".join(["stage", s.name] + [arg_text(a) for a in s.args])
+            self.block(head, s.span, s.body, depth)
+        elif isinstance(s, A.BitsBlock):
+            self.emit("bits {", s.span.line, depth)
+            width = max((len(r.selector) for r in s.rules), default=0)
+            for r in s.rules:
+                self.emit(f"{r.selector.ljust(width)}  {r.spec}", r.span.line, depth + 1)
+            self._flush_comments(s.span.end_line or s.span.line, depth + 1)
+            self.lines.append(INDENT * depth + "}")
+            self.last_line = s.span.end_line or s.span.line
+        elif isinstance(s, A.ShortcutStmt):
+            taps = ", ".join(f"{t.ref.dotted} -> {expr_text(t.width)}" for t in s.taps)
+            text = f"shortcut {s.name} from {taps}" + "".join(" " + arg_text(a) for a in s.args)
+            if s.into is not None:
+                text += f" into {s.into.dotted}"
+            self.emit(text, s.span.line, depth)
+
+    def item(self, it) -> None:
+        if isinstance(it, A.ImportStmt):
+            self.emit(f'import "{it.path}"', it.span.line, 0)
+        elif isinstance(it, A.LetStmt):
+            self.stmt(it, 0)
+        else:
+            head = ("template " if it.template else "model ") + it.name
+            if it.extends:
+                head += f" extends {it.extends}"
+            if self.lines and self.lines[-1].strip():
+                self.lines.append("")
+            self.block(head, it.span, it.body, 0)
+            self.last_line = (it.span.end_line or it.span.line)
+
+    def text(self, spec: A.SpecFile) -> str:
+        prev = None
+        for it in spec.items:
+            if prev is not None and type(prev) is not type(it) and self.lines and self.lines[-1].strip():
+                self.lines.append("")
+            self.item(it)
+            prev = it
+        self._flush_comments(10**9, 0)
+        for c in self.comments:  # trailing comments whose line vanished (should not happen)
+            self.lines.append(c.text)
+        while self.lines and not self.lines[-1].strip():
+            self.lines.pop()
+        return "\n".join(self.lines) + "\n"
+
+
+def format_spec(spec: A.SpecFile) -> str:
+    return _Printer(spec).text(spec)
+
+
+def format_text(text: "str | bytes", filename: str = "<string>") -> str:
+    """Canonical layout of spec text; raises SpecError on a syntax error."""
+    return format_spec(parse(text, filename))
