@@ -239,6 +239,21 @@ def _comment_start(line: str) -> int | None:
     return None
 
 
+KEYWORDS = ("import", "let", "model", "template", "extends", "stage", "bits", "shortcut", "from", "into")
+
+
+def _keyword_hint(text: str, line: int) -> str:
+    """A misspelt keyword parses as an op name; say so when the line then fails."""
+    import difflib
+
+    lines = text.splitlines()
+    words = lines[line - 1].split() if 0 < line <= len(lines) else []
+    if not words or words[0] in KEYWORDS:
+        return ""
+    close = difflib.get_close_matches(words[0], KEYWORDS, n=1, cutoff=0.7)
+    return f" ('{words[0]}' is not a keyword; did you mean '{close[0]}'?)" if close else ""
+
+
 def _syntax_error(e: UnexpectedInput, text: str, filename: str) -> SpecError:
     if isinstance(e, UnexpectedCharacters):
         ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else "?"
@@ -254,7 +269,7 @@ def _syntax_error(e: UnexpectedInput, text: str, filename: str) -> SpecError:
             span = Span(line=len(lines), column=len(lines[-1]) + 1)
         else:
             span = Span(line=tok.line or 1, column=tok.column or 1, end_line=tok.end_line, end_column=tok.end_column)
-        msg = f"unexpected {_describe_token(tok)}{_expected(expected)}"
+        msg = f"unexpected {_describe_token(tok)}{_expected(expected)}{_keyword_hint(text, span.line)}"
         return SpecError(msg, span, filename, text)
     if isinstance(e, UnexpectedEOF):
         lines = text.splitlines() or [""]
