@@ -102,8 +102,14 @@ class _ParseTimer:
         self.syntax.parse = self.orig
 
 
-def time_frontend(source, filename: str) -> dict[str, float]:
-    """One front-end run, split by pass (seconds)."""
+def time_frontend(source, filename: str, gc_off: bool = False) -> dict[str, float]:
+    """One front-end run, split by pass (seconds); 'cpu' is process CPU time of the run."""
+    if gc_off:
+        gc.disable()
+        try:
+            return time_frontend(source, filename)
+        finally:
+            gc.enable()
     import vitdsl.syntax as syntax
     from vitdsl.expand import build_graph, resolve_program
     from vitdsl.passes.cost import check_budget, cost
@@ -111,6 +117,7 @@ def time_frontend(source, filename: str) -> dict[str, float]:
     from vitdsl.passes.validate import validate
 
     pc = time.perf_counter
+    c0 = time.process_time()
     with _ParseTimer() as pt:
         t0 = pc()
         spec = syntax.parse(source, filename)
@@ -126,7 +133,8 @@ def time_frontend(source, filename: str) -> dict[str, float]:
     t4 = pc()
     check_budget(cost(g))
     t5 = pc()
-    r = {"parse": (t1 - t0) + nested, "expand": (t2 - t1) - nested, "infer": t3 - t2,
+    c5 = time.process_time()
+    r = {"cpu": c5 - c0, "parse": (t1 - t0) + nested, "expand": (t2 - t1) - nested, "infer": t3 - t2,
          "validate": t4 - t3, "cost": t5 - t4, "total": t5 - t0, "nodes": len(g)}
     return r
 
@@ -151,15 +159,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="block counts for generated specs (default: %(default)s)")
     ap.add_argument("--shapes", nargs="+", choices=SHAPES, default=SHAPES, help="generated spec shapes (default: both)")
-    ap.add_argument("--repeat", type=int, default=9, help="timed runs per workload (default: %(default)s)")
+    ap.add_argument("--repeat", type=int, default=9, help="timed runs per generated spec (default: %(default)s)")
     ap.add_argument("--base-repeat", type=int, default=51, help="timed runs for vit_base (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs per workload first (default: %(default)s)")
-    ap.add_argument("--cold-runs", type=int, default=3, help="fresh interpreters for import/parser-build timing; 0 skips (default: %(default)s)")
+    ap.add_argument("--cold-runs", type=int, default=5, help="fresh interpreters for import/parser-build timing; 0 skips (default: %(default)s)")
+    ap.add_argument("--no-gc-diagnostic", action="store_true",
+                    help="skip the extra 1000-block runs with the garbage collector disabled")
+    ap.add_argument("--quick", action="store_true", help="fewer runs (repeat 3, base-repeat 11, warmup 1, cold-runs 1): a smoke test, not figures to publish")
     ap.add_argument("--seed", type=int, default=0, help="seed for the interleaving order")
-    ap.add_argument("--profile", metavar="SHAPE:N", help="instead of benchmarking, cProfile one run (e.g. stages:1000, or base) and print the top functions")
+    ap.add_argument("--profile", metavar="WORKLOAD",
+                    help="instead of benchmarking, cProfile one warm run of WORKLOAD (base, depth:N or stages:N) and print the top functions")
     ap.add_argument("--json", metavar="PATH", help="also write raw timings as JSON")
     ap.add_argument("--write-doc", action="store_true", help="update the 'frontend' section of docs/benchmarks.md")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeat, args.base_repeat, args.warmup, args.cold_runs = 3, 11, 1, min(args.cold_runs, 1)
 
     import vitdsl  # noqa: F401
     from vitdsl.syntax import parser
@@ -169,15 +183,24 @@ def main(argv=None) -> int:
     base_path = str(C.SPECS / "vit_base_patch16_224.vit")
     with open(base_path, "rb") as f:
         base_src = f.read()
-    workloads: dict[str, tuple[object, str]] = {"base": (base_src, base_path)}
+    # workload key -> (source, filename, gc disabled during the run)
+    workloads: dict[str, tuple[object, str, bool]] = {"base": (base_src, base_path, False)}
     for shape in args.shapes:
         for n in args.sizes:
-            workloads[f"{shape}:{n}"] = (generate(n, shape), f"<gen {shape} {n}>")
+            workloads[f"{shape}:{n}"] = (generate(n, shape), f"<gen {shape} {n}>", False)
+    diag = [] if args.no_gc_diagnostic or 1000 not in args.sizes else [f"{s}:1000" for s in args.shapes]
+    for k in diag:
+        workloads[k + ":gc-off"] = (workloads[k][0], workloads[k][1], True)
 
     if args.profile:
-        src, fn = workloads[args.profile] if args.profile in workloads else (generate(int(args.profile.split(":")[1]), args.profile.split(":")[0]), "<profile>")
+        if args.profile in workloads:
+            src, fn, _ = workloads[args.profile]
+        else:
+            shape, n = args.profile.split(":")
+            src, fn = generate(int(n), shape), "<profile>"
         time_frontend(src, fn)
         prof = cProfile.Profile()
+        gc.collect()
         prof.enable()
         r = time_frontend(src, fn)
         prof.disable()
@@ -193,9 +216,9 @@ def main(argv=None) -> int:
     cold = fresh_interpreter_times(args.cold_runs) if args.cold_runs else {"import": [], "parser": []}
 
     # warm-up, then round-robin interleaved runs in a shuffled order per round
-    for key, (src, fn) in workloads.items():
+    for key, (src, fn, off) in workloads.items():
         for _ in range(args.warmup):
-            time_frontend(src, fn)
+            time_frontend(src, fn, off)
     rng = random.Random(args.seed)
     res: dict[str, list[dict[str, float]]] = {k: [] for k in workloads}
     rounds = max(args.repeat, args.base_repeat)
@@ -203,9 +226,9 @@ def main(argv=None) -> int:
         keys = [k for k in workloads if (args.base_repeat if k == "base" else args.repeat) > i]
         rng.shuffle(keys)
         for k in keys:
-            src, fn = workloads[k]
+            src, fn, off = workloads[k]
             gc.collect()
-            res[k].append(time_frontend(src, fn))
+            res[k].append(time_frontend(src, fn, off))
     load1 = C.loadavg()
 
     def med(k, field="total"):
@@ -215,21 +238,21 @@ def main(argv=None) -> int:
     out = []
     out.append("### vit_base_patch16_224 (specs/vit_base_patch16_224.vit, with its import)\n")
     rows = []
-    for stage in STAGES + ["total"]:
+    for stage in STAGES + ["total", "cpu"]:
         xs = [r[stage] for r in res["base"]]
         lo, hi = C.iqr(xs)
-        rows.append([stage, C.fmt_ms(C.median(xs), 3), f"{C.fmt_ms(lo, 3)} - {C.fmt_ms(hi, 3)}"])
+        rows.append([stage if stage != "cpu" else "total, CPU time", C.fmt_ms(C.median(xs), 3), f"{C.fmt_ms(lo, 3)} - {C.fmt_ms(hi, 3)}"])
     out.append(C.table(["pass", "median ms", "IQR ms"], rows))
     base_total = med("base")
     base_ok = base_total <= TARGET_BASE_S
     out.append(f"\n{res['base'][0]['nodes']} nodes, {len(res['base'])} runs. Target <= {TARGET_BASE_S * 1e3:.0f} ms: "
-               f"**{'met' if base_ok else 'NOT met'}** ({C.fmt_ms(base_total, 2)} ms).\n")
+               f"**{'met' if base_ok else 'NOT met'}** ({C.fmt_ms(base_total, 2)} ms wall, median).\n")
 
     if cold["parser"]:
-        out.append("### One-off costs (fresh interpreter, not included above)\n")
+        out.append("### One-off costs (each in a fresh interpreter; not included above)\n")
         out.append(C.table(["what", "median ms", "runs"], [
-            ["`import vitdsl`", C.fmt_ms(C.median(cold["import"]), 0), len(cold["import"])],
-            ["lark parser construction (`vitdsl.syntax.parser()`)", C.fmt_ms(C.median(cold["parser"]), 0), len(cold["parser"])],
+            ["`import vitdsl` (imports torch, pydantic, lark, networkx)", C.fmt_ms(C.median(cold["import"]), 0), len(cold["import"])],
+            ["lark parser construction (first `vitdsl.syntax.parser()`)", C.fmt_ms(C.median(cold["parser"]), 0), len(cold["parser"])],
         ]))
         out.append("")
 
@@ -244,8 +267,8 @@ def main(argv=None) -> int:
             src = workloads[k][0]
             parts = [C.fmt_ms(med(k, s), 1) for s in STAGES]
             t = med(k)
-            rows.append([n, res[k][0]["nodes"], f"{len(src):,}", *parts, C.fmt_ms(t, 1), f"{t / n * 1e6:.0f}"])
-        out.append(C.table(["blocks", "nodes", "text bytes", *[f"{s} ms" for s in STAGES], "total ms", "us/block"], rows))
+            rows.append([n, res[k][0]["nodes"], f"{len(src):,}", *parts, C.fmt_ms(t, 1), C.fmt_ms(med(k, "cpu"), 1), f"{t / n * 1e6:.0f}"])
+        out.append(C.table(["blocks", "nodes", "text bytes", *[f"{s} ms" for s in STAGES], "total ms", "CPU ms", "us/block"], rows))
         ts = [med(k) for k in keys]
         if len(ns) >= 2:
             a, b, r2 = C.linfit(ns, ts)
@@ -253,7 +276,7 @@ def main(argv=None) -> int:
             for n, t in zip(ns, ts):
                 if 2 * n in ns:
                     ratios.append(f"t({2 * n})/t({n}) = {ts[ns.index(2 * n)] / t:.2f}")
-            out.append(f"\nLeast-squares fit t = a*N + b: a = {a * 1e6:.0f} us/block, b = {b * 1e3:.1f} ms, "
+            out.append(f"\nLeast-squares fit of the median totals, t = a*N + b: a = {a * 1e6:.0f} us/block, b = {b * 1e3:.1f} ms, "
                        f"R^2 = {r2:.4f}. " + ("; ".join(ratios) + " (2.00 = linear)." if ratios else ""))
         if 1000 in ns:
             t1000 = med(f"{shape}:1000")
@@ -262,8 +285,22 @@ def main(argv=None) -> int:
             out.append(f"\n1000 blocks: {t1000:.3f} s. Target <= {TARGET_1000_S:.0f} s: **{'met' if ok else 'NOT met'}**.")
         out.append("")
 
-    out.append(f"Medians of {args.repeat} runs per generated spec (after {args.warmup} warm-up runs), "
-               f"interleaved round-robin in shuffled order; gc.collect() before each run, gc enabled during it. "
+    if diag:
+        out.append("### Diagnostic: 1000 blocks with the garbage collector off\n")
+        out.append("The same runs, interleaved with the ones above, with `gc.disable()` for the duration of the front end "
+                   "(not what users get; it shows how much of the time is cyclic-GC passes over the objects the front end allocates).\n")
+        rows = []
+        for k in diag:
+            on, off = med(k), med(k + ":gc-off")
+            rows.append([k.split(":")[0], *[C.fmt_ms(med(k + ":gc-off", s), 1) for s in STAGES],
+                         C.fmt_ms(off, 1), C.fmt_ms(on, 1), f"{off / on:.2f}"])
+        out.append(C.table(["shape", *[f"{s} ms" for s in STAGES], "total, gc off", "total, gc on", "off/on"], rows))
+        out.append("")
+
+    out.append(f"Wall-clock medians of {args.repeat} runs per generated spec and {args.base_repeat} for vit_base "
+               f"(after {args.warmup} warm-up runs each), all workloads interleaved round-robin in a shuffled order; "
+               f"gc.collect() before each run, gc enabled during it unless stated. \"CPU ms\" is the process CPU time "
+               f"of the same runs (less sensitive to other processes on the machine). "
                f"Load average (1/5/15 min) at start: {load0}; at end: {load1}.")
     report = "\n".join(out)
     print(report)
@@ -294,24 +331,23 @@ def main(argv=None) -> int:
             "",
             report.replace("### ", "#### "),
             "",
-            NOTES_MARK,
         ])
         C.update_doc("frontend", body + "\n" + _notes())
         print(f"\nupdated {C.DOC}")
     return 0
 
 
-NOTES_MARK = "#### Notes"
 NOTES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes", "frontend.md")
 
 
 def _notes() -> str:
-    """Hand-written analysis kept in bench/notes/frontend.md (survives regeneration)."""
+    """Hand-written analysis kept in bench/notes/frontend.md, appended to the generated
+    section so that it survives regeneration."""
     try:
         with open(NOTES_FILE) as f:
             return f.read()
     except OSError:
-        return "(none)\n"
+        return ""
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def build(graph: Graph, out: str, backend: str = "torch", seed: int = 0, weights
             json.dump(summary, f, indent=1)
         manifest = {
             "model": graph.name, "backend": backend, "spec_sha256": spec_hash(graph),
-            "files": sorted(os.listdir(tmp)) + ["manifest.json"],
+            "files": sorted(os.listdir(tmp) + ["manifest.json"]),
             "input_shape": {"min": [1, c, h, w], "max": [4096, c, h, w]},
             "versions": {"vitdsl": _version(), "torch": torch.__version__, "python": platform.python_version()},
             "seed": seed, "weights": os.path.basename(weights) if weights else None,

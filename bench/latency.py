@@ -1,0 +1,185 @@
+"""Forward latency on CPU: vitdsl-compiled ViTs against timm's, with the same weights.
+
+For each model, the spec in specs/ is loaded and compiled (vitdsl.load + vitdsl.compile)
+and timm builds the same architecture (timm.create_model, no pretrained download);
+timm's weights are copied into the vitdsl module with
+vitdsl.interop.timm.convert_state_dict (load_state_dict strict=True), and the outputs
+are checked to agree.  Both models run in this one process, in eval mode, under
+torch.inference_mode, on the same input tensor.
+
+Per (model, batch, threads): --warmup untimed forwards of each, then --runs timed
+pairs; each pair runs both models back to back, alternating which goes first, so slow
+phases of a shared machine hit both alike.  Reported: median ms of each, the ratio of
+the medians vitdsl/timm with a bootstrap 95% interval, and the median of the per-pair
+ratios.  Target: vitdsl/timm <= 1.00.
+
+torch's intra-op thread count is set explicitly (--threads, default: the cores this
+process may use) and reported; inter-op threads are set to 1.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+MODELS = ["vit_small_patch16_224", "vit_base_patch16_224"]
+TARGET = 1.00
+
+
+def build_pair(name: str):
+    import timm
+    import torch
+
+    import vitdsl
+    from vitdsl.interop.timm import convert_state_dict
+
+    g = vitdsl.load(C.SPECS / f"{name}.vit")
+    ours = vitdsl.compile(g)
+    theirs = timm.create_model(name, pretrained=False)
+    ours.load_state_dict(convert_state_dict(g, theirs.state_dict()), strict=True)
+    ours.eval()
+    theirs.eval()
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        diff = (ours(x) - theirs(x)).abs().max().item()
+    return ours, theirs, diff
+
+
+def bootstrap_ratio(a: list[float], b: list[float], iters: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of median(a)/median(b), resampling the pairs."""
+    rng = random.Random(seed)
+    n = len(a)
+    rs = []
+    for _ in range(iters):
+        idx = [rng.randrange(n) for _ in range(n)]
+        rs.append(C.median([a[i] for i in idx]) / C.median([b[i] for i in idx]))
+    return C.quantile(rs, 0.025), C.quantile(rs, 0.975)
+
+
+def measure(ours, theirs, batch: int, warmup: int, runs: int) -> dict:
+    import torch
+
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    pc = time.perf_counter
+    t_ours, t_theirs = [], []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            ours(x)
+            theirs(x)
+        gc.collect()
+        for i in range(runs):
+            order = ((ours, t_ours), (theirs, t_theirs)) if i % 2 == 0 else ((theirs, t_theirs), (ours, t_ours))
+            for m, acc in order:
+                t0 = pc()
+                m(x)
+                acc.append(pc() - t0)
+    return {"vitdsl": t_ours, "timm": t_theirs}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=MODELS, help="spec/timm names (default: %(default)s)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (default: %(default)s)")
+    default_threads = len(os.sched_getaffinity(0))
+    ap.add_argument("--threads", type=int, nargs="+", default=[default_threads],
+                    help="torch intra-op thread counts to measure (default: %(default)s, the cores available)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed forwards of each model first (default: %(default)s)")
+    ap.add_argument("--runs", type=int, default=40, help="timed pairs at batch 1 (default: %(default)s)")
+    ap.add_argument("--runs-large", type=int, default=15, help="timed pairs at batch > 1 (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true", help="warmup 2, runs 8, runs-large 4: a smoke test, not figures to publish")
+    ap.add_argument("--json", metavar="PATH", help="also write raw timings as JSON")
+    ap.add_argument("--write-doc", action="store_true", help="update the 'latency' section of docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.warmup, args.runs, args.runs_large = 2, 8, 4
+
+    import torch
+
+    torch.set_num_interop_threads(1)
+    load0 = C.loadavg()
+    raw: dict[str, dict] = {}
+    rows = []
+    verdicts = []
+    diffs = {}
+    for name in args.models:
+        ours, theirs, diff = build_pair(name)
+        diffs[name] = diff
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            assert torch.get_num_threads() == threads
+            for batch in args.batches:
+                runs = args.runs if batch == 1 else args.runs_large
+                r = measure(ours, theirs, batch, args.warmup, runs)
+                raw[f"{name}/t{threads}/b{batch}"] = r
+                mo, mt = C.median(r["vitdsl"]), C.median(r["timm"])
+                ratio = mo / mt
+                lo, hi = bootstrap_ratio(r["vitdsl"], r["timm"])
+                pair = C.median([a / b for a, b in zip(r["vitdsl"], r["timm"])])
+                ok = ratio <= TARGET
+                verdict = "met" if ok else ("NOT met (within noise)" if lo <= TARGET else "NOT met")
+                verdicts.append((name, threads, batch, ratio, verdict))
+                rows.append([name, threads, batch, runs, C.fmt_ms(mo, 1), C.fmt_ms(mt, 1),
+                             f"{ratio:.3f}", f"{lo:.3f} - {hi:.3f}", f"{pair:.3f}", verdict])
+                print(" | ".join(map(str, rows[-1])), flush=True)
+        del ours, theirs
+        gc.collect()
+    load1 = C.loadavg()
+
+    out = [C.table(["model", "threads", "batch", "pairs", "vitdsl ms", "timm ms", "ratio", "95% CI", "paired ratio", "target <= 1.00"], rows)]
+    out.append("")
+    out.append("ms: median forward time. ratio: median(vitdsl)/median(timm); 95% CI: bootstrap over the pairs; "
+               "paired ratio: median of the per-pair ratios. \"within noise\" means the ratio is above 1.00 but the "
+               "interval includes 1.00.")
+    out.append("")
+    out.append("Max |vitdsl - timm| on the logits (batch 2, same weights): "
+               + ", ".join(f"{n}: {d:.2e}" for n, d in diffs.items()) + ".")
+    out.append("")
+    out.append(f"torch intra-op threads: {', '.join(map(str, args.threads))} (set with torch.set_num_threads); "
+               f"inter-op threads: 1. {args.warmup} warm-up forwards per model and setting. "
+               f"Load average (1/5/15 min) at start: {load0}; at end: {load1}.")
+    report = "\n".join(out)
+    print()
+    print(report)
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"raw": raw, "diffs": diffs, "threads": args.threads, "load": [load0, load1]}, f, indent=1)
+
+    if args.write_doc:
+        met = [v for v in verdicts if v[4] == "met"]
+        summary = (f"- vitdsl/timm forward latency: target <= 1.00 **met in {len(met)} of {len(verdicts)} settings**"
+                   + ("" if len(met) == len(verdicts) else
+                      "; not met: " + "; ".join(f"{n} threads={t} batch={b} ({r:.3f}, {v})" for n, t, b, r, v in verdicts if v != "met")))
+        body = "\n".join([
+            "## Forward latency, CPU: vitdsl vs timm (same weights)",
+            "",
+            f"Date: {C.now()}",
+            "",
+            "Command (from the repository root):",
+            "",
+            "```",
+            C.command_line(),
+            "```",
+            "",
+            *C.machine_lines(),
+            "",
+            summary,
+            "",
+            report,
+            "",
+            "GPU latency: pending (no GPU on the machine that produced these figures).",
+        ])
+        C.update_doc("latency", body)
+        print(f"\nupdated {C.DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
