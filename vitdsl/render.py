@@ -696,7 +696,7 @@ def _svg_labels(lay: _Layout) -> list[str]:
             if s.wrap:
                 second = f'<tspan class="detail" x="{_n(x)}" y="{_n(y + STAGE_LINE)}">{_esc(detail)}</tspan>'
             else:
-                second = f'<tspan class="detail">\u00a0· {_esc(detail)}</tspan>'
+                second = f'<tspan class="detail" dx="6">· {_esc(detail)}</tspan>'
             out.append(f'<text class="stage-label" x="{_n(x)}" y="{_n(y)}">{_esc(name)}{second}</text>')
     params: dict[str, int] = {}
     for n in lay.g.nodes():
