@@ -127,6 +127,14 @@ def _sections(g: Graph) -> list[_Section]:
     return sections
 
 
+def _stage_label(g: Graph, s: _Section) -> tuple[str, str]:
+    """A stage's name, and what it holds."""
+    names = [m for grp in s.groups for m in grp.nodes]
+    params = sum(_params(g.node(m)) for m in names)
+    nblocks = len({g.node(m).block for m in names})
+    return f"stage {s.stage}", f"{nblocks} block{'s' if nblocks != 1 else ''} · {_short(params)} params"
+
+
 # ----------------------------------------------------------------- DOT
 def _dq(s: str) -> str:
     """A DOT double-quoted string."""
@@ -158,9 +166,9 @@ def to_dot(graph: Graph) -> str:
     for si, s in enumerate(_sections(graph)):
         indent = "  "
         if s.stage is not None:
-            params = sum(_params(graph.node(m)) for grp in s.groups for m in grp.nodes)
+            name, detail = _stage_label(graph, s)
             out += [f"  subgraph cluster_s{si} {{",
-                    f"    label={_dq(f'stage {s.stage} ({_short(params)} params)')}; labeljust=l;",
+                    f"    label={_dq(f'{name} ({detail})')}; labeljust=l;",
                     '    style="rounded,dashed"; color="#94a3b8"; fontname="Helvetica-Bold";']
             indent = "    "
         for gi, grp in enumerate(s.groups):
@@ -190,7 +198,6 @@ class _Column:
     lanes: int = 0
     left: float = 0.0      # left edge of its block boxes
     width: float = 0.0
-    height: float = 0.0
 
 
 @dataclass
@@ -384,50 +391,62 @@ class _Layout:
         return self.rail_x0 + track * TRACK
 
     def _layout_x(self) -> None:
-        gutters: dict[int, list[int]] = {}
-        rail: list[int] = []
-        for i, e in enumerate(self.edges):  # main flow first: it takes the inner track
-            if e.kind == "across":
-                gutters.setdefault(self.where[e.dst][0], []).append(i)
-            elif e.kind == "far":
-                rail.append(i)
-        for ci, idx in gutters.items():
-            idx.sort(key=lambda i: (self.edges[i].skip, self.pos[self.edges[i].src]))
-            for t, i in enumerate(idx):
-                self.edges[i].tracks["gutter"] = t
-        for t, i in enumerate(rail):
-            self.edges[i].tracks["rail"] = t
+        """Gutter and rail tracks, then every column's and section's x."""
+        gutters = self._assign_gutters()
         for c in self.columns:
             lanes = LANE0 + (c.lanes - 1) * LANE_STEP if c.lanes else 0
             c.width = SIDE + self.node_w + lanes + SIDE
         for s in self.sections:  # local coordinates first
-            x = STAGE_PAD if s.stage is not None else 0.0
+            pad = STAGE_PAD if s.stage is not None else 0.0
+            x = pad
             for j, ci in enumerate(s.columns):
                 if j:
-                    x += max(GUT_MIN, 2 * GUT_PAD + (len(gutters.get(ci, [])) - 1) * TRACK)
+                    x += max(GUT_MIN, 2 * GUT_PAD + (gutters.get(ci, 0) - 1) * TRACK)
                 self.columns[ci].left = x
                 x += self.columns[ci].width
-            s.width = x + (STAGE_PAD if s.stage is not None else 0.0)
-            if s.stage is not None:  # room for the stage's label, on two lines if need be
-                name, detail = _stage_label(self.g, s)
-                one = _text_w(name, 13, True) + _text_w(" · " + detail, 11.5) + 28
-                s.wrap = one > s.width
-                s.width = max(s.width, max(_text_w(name, 13, True), _text_w(detail, 11.5)) + 28 if s.wrap else one)
+            s.width = x + pad
+            if s.stage is not None:
+                self._fit_stage_label(s)
         self._align_sections()
         right = max(s.left + s.width for s in self.sections)
         self.rail_x0 = right + GUT_PAD
-        self.width = right + (GUT_PAD + len(rail) * TRACK if rail else 0.0) + MARGIN
+        rails = sum(1 for e in self.edges if e.kind == "far")
+        self.width = right + (GUT_PAD + rails * TRACK if rails else 0.0) + MARGIN
+
+    def _assign_gutters(self) -> dict[int, int]:
+        """Tracks in the gutter left of each column (the main flow nearest the
+        column) and on the rail right of everything; returns tracks per gutter."""
+        gutters: dict[int, list[int]] = {}
+        rail = 0
+        for i, e in enumerate(self.edges):
+            if e.kind == "across":
+                gutters.setdefault(self.where[e.dst][0], []).append(i)
+            elif e.kind == "far":
+                e.tracks["rail"] = rail
+                rail += 1
+        for idx in gutters.values():
+            idx.sort(key=lambda i: (self.edges[i].skip, self.pos[self.edges[i].src]))
+            for t, i in enumerate(idx):
+                self.edges[i].tracks["gutter"] = t
+        return {ci: len(idx) for ci, idx in gutters.items()}
+
+    def _fit_stage_label(self, s: _Section) -> None:
+        """Widen a stage's cluster to hold its label, on two lines if one is too long."""
+        name, detail = _stage_label(self.g, s)
+        name_w, detail_w = _text_w(name, 13, True), _text_w(detail, 11.5)
+        one_line = name_w + _text_w(" · ", 11.5) + detail_w + 28
+        s.wrap = one_line > s.width
+        if s.wrap:
+            s.width = max(s.width, max(name_w, detail_w) + 28)
 
     def _align_sections(self) -> None:
         """Line the flow up between sections: a one-column section continues the
         column it follows from (or leads into); two many-column ones align left."""
-        offsets = [0.0]
         for prev, cur in zip(self.sections, self.sections[1:]):
             if len(prev.columns) > 1 and len(cur.columns) > 1:
                 shift = prev.left - cur.left
             else:
                 shift = self.cx(prev.columns[-1]) - self.cx(cur.columns[0])
-            offsets.append(offsets[-1] + shift)
             cur.left += shift
             for ci in cur.columns:
                 self.columns[ci].left += shift
@@ -512,8 +531,7 @@ class _Layout:
                 y += BLOCK_PAD
                 self.blocks.append((grp.block, c.left, start, c.width, y - start))
             prev = grp
-        c.height = y - top
-        return c.height
+        return y - top
 
     # -- routes ----------------------------------------------------------------
     def _side_slots(self) -> dict[tuple[int, str], float]:
@@ -577,10 +595,15 @@ class _Layout:
 
 
 # ----------------------------------------------------------------- SVG drawing
+def _xml_char(ch: str) -> bool:
+    """Whether XML 1.0 allows this character at all."""
+    o = ord(ch)
+    return ch in "\t\n\r" or 0x20 <= o < 0xD800 or 0xE000 <= o <= 0xFFFD or o >= 0x10000
+
+
 def _esc(s: object) -> str:
     """Text safe inside an XML element or a double-quoted attribute."""
-    s = "".join(ch for ch in str(s) if ch in "\t\n\r" or ord(ch) >= 0x20)
-    s = "".join(ch for ch in s if not (0xD800 <= ord(ch) <= 0xDFFF) and ch not in "\ufffe\uffff")
+    s = "".join(ch for ch in str(s) if _xml_char(ch))
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
@@ -627,11 +650,13 @@ def _arc_path(pts: list[tuple[float, float]]) -> str:
 
 
 def _svg_head(lay: _Layout, width: float, height: float) -> list[str]:
+    """The document start: arrowheads, styles, title, totals and a legend."""
     g = lay.g
     total = g.total()
     arrow = ('<marker id="{id}" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
              'markerHeight="7" orient="auto"><path d="M0,1 L10,5 L0,9 z" fill="{c}"/></marker>')
-    ly = MARGIN + 62
+    ly = MARGIN + 62  # the legend's baseline
+    line = 'fill="none" stroke="{c}" stroke-width="1.4"'
     return [
         '<?xml version="1.0" encoding="UTF-8"?>',
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{_n(width)}" height="{_n(height)}" '
@@ -654,23 +679,15 @@ def _svg_head(lay: _Layout, width: float, height: float) -> list[str]:
         f".edge.skip{{stroke:{SKIP_COLOR};stroke-width:1.4}}"
         ".legend{font-size:11px;fill:#4b5563}"
         "</style>",
-        f'<rect width="100%" height="100%" fill="#ffffff"/>',
+        '<rect width="100%" height="100%" fill="#ffffff"/>',
         f'<text x="{MARGIN}" y="{MARGIN + 20}" font-size="20" font-weight="bold" fill="#111827">{_esc(g.name)}</text>',
         f'<text x="{MARGIN}" y="{MARGIN + 40}" font-size="12.5" fill="#4b5563">'
         f"{len(g)} nodes · {total.params:,} params ({_short(total.params)}) · {_short(total.macs)} MACs</text>",
-        f'<g class="legend"><path class="edge" d="M{MARGIN},{ly - 4} h26" marker-end="url(#arrow)"/>'
+        f'<g class="legend"><path d="M{MARGIN},{ly - 4} h26" {line.format(c=MAIN_COLOR)} marker-end="url(#arrow)"/>'
         f'<text x="{MARGIN + 32}" y="{ly}">main flow</text>'
-        f'<path class="edge skip" d="M{MARGIN + 110},{ly - 4} h26" marker-end="url(#arrow-skip)"/>'
+        f'<path d="M{MARGIN + 110},{ly - 4} h26" {line.format(c=SKIP_COLOR)} marker-end="url(#arrow-skip)"/>'
         f'<text x="{MARGIN + 142}" y="{ly}">skip / residual</text></g>',
     ]
-
-
-def _stage_label(g: Graph, s: _Section) -> tuple[str, str]:
-    """A stage's name, and what it holds."""
-    names = [m for grp in s.groups for m in grp.nodes]
-    params = sum(_params(g.node(m)) for m in names)
-    nblocks = len({g.node(m).block for m in names})
-    return f"stage {s.stage}", f"{nblocks} block{'s' if nblocks != 1 else ''} · {_short(params)} params"
 
 
 def _svg_clusters(lay: _Layout) -> list[str]:
@@ -713,6 +730,7 @@ def _svg_labels(lay: _Layout) -> list[str]:
 
 
 def _svg_edges(lay: _Layout) -> list[str]:
+    """One path per graph edge, with its ends in data-src / data-dst."""
     out = []
     for e in sorted(lay.edges, key=lambda e: not e.skip):  # main flow drawn on top
         if e.curve:
@@ -734,6 +752,7 @@ def _fit(s: str, size: float, bold: bool, room: float) -> str:
 
 
 def _svg_node(lay: _Layout, n: Node) -> str:
+    """A node's box: local name, parameter count, op and output shape; full facts in its tooltip."""
     x, y = lay.boxes[n.name]
     w = lay.node_w
     p = _params(n)
