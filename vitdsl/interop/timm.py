@@ -11,20 +11,25 @@ import torch
 
 from ..graph import Graph, Node
 
-# op kind -> function(node) returning {our key: timm key} for keys that differ.
-_RENAMES: dict[str, Callable[[Node], dict[str, str]]] = {
+RENAMES: dict[str, Callable[[Node, Graph], dict[str, str]]] = {}
+"""op kind -> function(node, graph) returning {our key: timm key} for the keys of that
+node whose timm name differs.  Op modules register their own entries here."""
+
+
+def _tokens(n: Node, g: Graph) -> dict[str, str]:
     # timm keeps class/dist tokens and the position embedding at the top level.
-    "tokens": lambda n: {f"{n.name}.cls_token": "cls_token", f"{n.name}.dist_token": "dist_token",
-                         f"{n.name}.pos_embed": "pos_embed"},
-}
+    return {f"{n.name}.cls_token": "cls_token", f"{n.name}.dist_token": "dist_token", f"{n.name}.pos_embed": "pos_embed"}
+
+
+RENAMES["tokens"] = _tokens
 
 
 def key_map(graph: Graph, model_keys: "list[str]") -> dict[str, str]:
     """Our state_dict key -> timm's, for every key of the compiled model."""
     renames: dict[str, str] = {}
     for n in graph.nodes():
-        if n.op in _RENAMES:
-            renames.update(_RENAMES[n.op](n))
+        if n.op in RENAMES:
+            renames.update(RENAMES[n.op](n, graph))
     return {k: renames.get(k, k) for k in model_keys}
 
 
