@@ -19,22 +19,31 @@ class VitModel(nn.Module):
     def __init__(self, graph: Graph):
         super().__init__()
         self.graph_name = graph.name
-        plan: list[tuple[str, tuple[int, ...]]] = []
+        plan: list[tuple[str, bool, tuple[tuple[int, int], ...]]] = []
         slot = {name: i for i, name in enumerate(graph.order)}
+        multi = {n.name for n in graph.nodes() if n.scores is not None}
         for n in graph.nodes():
-            ins = [graph.node(i).out for i in n.inputs]
+            ins = [graph.value_type(i) for i in n.inputs]
             module = REGISTRY[n.op].build_torch(n, ins, n.out)
             _place(self, n.name, module)
-            plan.append((n.name, tuple(slot[i] for i in n.inputs)))
+            refs = []
+            for ref in n.inputs:  # (producer slot, output port); port -1: a single output
+                name, _, port = ref.partition("#")
+                refs.append((slot[name], (1 if port == "scores" else 0) if name in multi else -1))
+            plan.append((n.name, n.op == "input", tuple(refs)))
         # Plain attributes (not registered twice): the modules in execution order.
-        self._steps = [(self.get_submodule(name), ins) for name, ins in plan]
+        self._steps = [(self.get_submodule(name), is_input, refs) for name, is_input, refs in plan]
         self.__dict__["graph"] = graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values: list[torch.Tensor] = []
-        for module, ins in self._steps:
-            values.append(module(*[values[i] for i in ins]) if ins else module(x))
-        return values[-1]
+        values: list = []
+        for module, is_input, refs in self._steps:
+            if is_input:
+                values.append(module(x))
+            else:
+                values.append(module(*[values[i] if p < 0 else values[i][p] for i, p in refs]))
+        out = values[-1]
+        return out[0] if isinstance(out, tuple) else out
 
 
 def _place(root: nn.Module, name: str, module: nn.Module) -> None:

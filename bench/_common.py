@@ -192,3 +192,19 @@ def update_doc(name: str, body: str, doc: Path = DOC) -> Path:
 
 def fmt_ms(seconds: float, digits: int = 2) -> str:
     return f"{seconds * 1e3:.{digits}f}"
+
+
+def wait_for_quiet(max_load: float, timeout: float, poll: float = 5.0) -> str:
+    """Wait until the 1-minute load average is at most max_load (or timeout seconds
+    pass); returns a line saying what happened."""
+    import time
+
+    t0 = time.monotonic()
+    while True:
+        one = os.getloadavg()[0]
+        waited = time.monotonic() - t0
+        if one <= max_load:
+            return f"load average {one:.2f} <= {max_load} after waiting {waited:.0f} s"
+        if waited >= timeout:
+            return f"gave up waiting after {waited:.0f} s: load average still {one:.2f} > {max_load}"
+        time.sleep(poll)

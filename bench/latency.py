@@ -67,20 +67,37 @@ def measure(ours, theirs, batch: int, warmup: int, runs: int) -> dict:
     import torch
 
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    pc = time.perf_counter
+    pc, cpu = time.perf_counter, time.process_time
     t_ours, t_theirs = [], []
+    c_ours, c_theirs = [], []
     with torch.inference_mode():
         for _ in range(warmup):
             ours(x)
             theirs(x)
         gc.collect()
         for i in range(runs):
-            order = ((ours, t_ours), (theirs, t_theirs)) if i % 2 == 0 else ((theirs, t_theirs), (ours, t_ours))
-            for m, acc in order:
+            order = ((ours, t_ours, c_ours), (theirs, t_theirs, c_theirs))
+            for m, acc, cacc in (order if i % 2 == 0 else order[::-1]):
+                c0 = cpu()
                 t0 = pc()
                 m(x)
                 acc.append(pc() - t0)
-    return {"vitdsl": t_ours, "timm": t_theirs}
+                cacc.append(cpu() - c0)
+    return {"vitdsl": t_ours, "timm": t_theirs, "vitdsl_cpu": c_ours, "timm_cpu": c_theirs}
+
+
+def op_counts(model, batch: int = 1) -> dict[str, int]:
+    """aten op name -> calls in one forward (torch.profiler), to check that both
+    implementations run the same kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.inference_mode():
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            model(x)
+    return {e.key: e.count for e in p.key_averages() if e.key.startswith("aten::")}
 
 
 def main(argv=None) -> int:
@@ -93,6 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5, help="untimed forwards of each model first (default: %(default)s)")
     ap.add_argument("--runs", type=int, default=40, help="timed pairs at batch 1 (default: %(default)s)")
     ap.add_argument("--runs-large", type=int, default=15, help="timed pairs at batch > 1 (default: %(default)s)")
+    ap.add_argument("--no-op-check", action="store_true", help="skip the torch.profiler check that both models run the same aten ops")
     ap.add_argument("--quick", action="store_true", help="warmup 2, runs 8, runs-large 4: a smoke test, not figures to publish")
     ap.add_argument("--json", metavar="PATH", help="also write raw timings as JSON")
     ap.add_argument("--write-doc", action="store_true", help="update the 'latency' section of docs/benchmarks.md")
@@ -108,9 +126,17 @@ def main(argv=None) -> int:
     rows = []
     verdicts = []
     diffs = {}
+    opcheck: dict[str, str] = {}
     for name in args.models:
         ours, theirs, diff = build_pair(name)
         diffs[name] = diff
+        if not args.no_op_check:
+            torch.set_num_threads(args.threads[0])
+            a, b = op_counts(ours), op_counts(theirs)
+            same = a == b
+            opcheck[name] = (f"identical ({sum(a.values())} aten calls per forward)" if same else
+                             f"{sum(a.values())} vs {sum(b.values())} aten calls; differences: " + ", ".join(
+                                 f"`{k}` {a.get(k, 0)} vs {b.get(k, 0)}" for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)))
         for threads in args.threads:
             torch.set_num_threads(threads)
             assert torch.get_num_threads() == threads
@@ -122,24 +148,31 @@ def main(argv=None) -> int:
                 ratio = mo / mt
                 lo, hi = bootstrap_ratio(r["vitdsl"], r["timm"])
                 pair = C.median([a / b for a, b in zip(r["vitdsl"], r["timm"])])
+                cpu_ratio = C.median(r["vitdsl_cpu"]) / C.median(r["timm_cpu"])
                 ok = ratio <= TARGET
                 verdict = "met" if ok else ("NOT met (within noise)" if lo <= TARGET else "NOT met")
                 verdicts.append((name, threads, batch, ratio, verdict))
                 rows.append([name, threads, batch, runs, C.fmt_ms(mo, 1), C.fmt_ms(mt, 1),
-                             f"{ratio:.3f}", f"{lo:.3f} - {hi:.3f}", f"{pair:.3f}", verdict])
+                             f"{ratio:.3f}", f"{lo:.3f} - {hi:.3f}", f"{pair:.3f}", f"{cpu_ratio:.3f}", verdict])
                 print(" | ".join(map(str, rows[-1])), flush=True)
         del ours, theirs
         gc.collect()
     load1 = C.loadavg()
 
-    out = [C.table(["model", "threads", "batch", "pairs", "vitdsl ms", "timm ms", "ratio", "95% CI", "paired ratio", "target <= 1.00"], rows)]
+    out = [C.table(["model", "threads", "batch", "pairs", "vitdsl ms", "timm ms", "ratio", "95% CI", "paired ratio", "CPU-time ratio", "target <= 1.00"], rows)]
     out.append("")
     out.append("ms: median forward time. ratio: median(vitdsl)/median(timm); 95% CI: bootstrap over the pairs; "
-               "paired ratio: median of the per-pair ratios. \"within noise\" means the ratio is above 1.00 but the "
+               "paired ratio: median of the per-pair ratios; CPU-time ratio: the same as ratio but for process CPU time "
+               "(all threads), less sensitive to other processes on the machine. \"within noise\" means the ratio is above 1.00 but the "
                "interval includes 1.00.")
     out.append("")
     out.append("Max |vitdsl - timm| on the logits (batch 2, same weights): "
                + ", ".join(f"{n}: {d:.2e}" for n, d in diffs.items()) + ".")
+    if opcheck:
+        out.append("")
+        out.append("aten ops per forward (torch.profiler, batch 1), vitdsl vs timm; any op not listed is called "
+                   "equally often by both: "
+                   + "; ".join(f"{n}: {v}" for n, v in opcheck.items()) + ".")
     out.append("")
     out.append(f"torch intra-op threads: {', '.join(map(str, args.threads))} (set with torch.set_num_threads); "
                f"inter-op threads: 1. {args.warmup} warm-up forwards per model and setting. "

@@ -49,11 +49,12 @@ class Builder:
         return lambda *p, **kw: self.add(op, *p, **kw)
 
     @contextlib.contextmanager
-    def stage(self, name: str, depth: int = 1) -> Iterator["Builder"]:
+    def stage(self, name: str, depth: int = 1, **attrs: Any) -> Iterator["Builder"]:
         """Statements added inside the block form the stage's body, repeated `depth` times."""
         if self._body is not self.program:
             raise SpecError("stages cannot nest")
-        st = Stmt(kind="stage", name=name, attrs=StageAttrs(depth=depth).model_dump())
+        sa = StageAttrs(depth=depth, **attrs)
+        st = Stmt(kind="stage", name=name, attrs=sa.model_dump(exclude_defaults=True) | {"depth": sa.depth})
         self.program.append(st)
         self._body = st.body
         try:

@@ -67,7 +67,11 @@ def stmt_lines(stmt, depth: int = 1) -> list[str]:
 
     pad = INDENT * depth
     if stmt.kind == "stage":
-        args = " ".join(f"{k}={value_text(v)}" for k, v in stmt.attrs.items())
+        from .expand import StageAttrs
+
+        fields = StageAttrs.model_fields
+        args = " ".join(f"{k}={value_text(stmt.attrs[k])}" for k in fields
+                        if k in stmt.attrs and (k == "depth" or stmt.attrs[k] != fields[k].default))
         lines = [f"{pad}stage {stmt.name} {args} {{".replace("  {", " {")]
         for s in stmt.body:
             lines += stmt_lines(s, depth + 1)

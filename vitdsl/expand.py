@@ -4,7 +4,7 @@ composite ops, and wire data flow.  Shape inference and the other passes run aft
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import networkx as nx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -13,7 +13,7 @@ from . import ast as A
 from .errors import Span, SpecError, did_you_mean
 from .graph import Graph, Node, Stmt
 from .ops.base import Attrs, OpDef, get_op, validate_attrs, REGISTRY
-from .values import evaluate
+from .values import CallValue, evaluate
 
 MAX_DEPTH = 4096
 MAX_NODES = 200_000
@@ -21,8 +21,12 @@ RESERVED = {"from"}  # keys every op statement accepts besides its schema
 
 
 class StageAttrs(BaseModel):
+    """`stage NAME depth=N [dim=C] [downsample=merge]`."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     depth: int = Field(1, ge=1, le=MAX_DEPTH)
+    dim: int | None = Field(None, ge=1)  # width after the downsample (merge: default 2x)
+    downsample: Literal["none", "merge"] = "none"
 
 
 # ------------------------------------------------------------------ templates
@@ -136,7 +140,8 @@ def _resolve_body(body: list[A.Stmt], env: dict[str, Any], stage: str | None) ->
                     raise SpecError(f"stage arguments are key=value, e.g. depth=12; got {a.value.model_dump().get('value', '?')!r}", a.span)
                 vals[a.key], spans[a.key] = evaluate(a.value, env), a.span
             attrs = _validate_stage(vals, spans, s.span)
-            st = Stmt(kind="stage", name=s.name, attrs=attrs.model_dump(exclude_defaults=False), span=s.span)
+            st = Stmt(kind="stage", name=s.name, attrs=attrs.model_dump(exclude_defaults=True) | {"depth": attrs.depth}, span=s.span)
+            st.__dict__["_spans"] = spans
             st.body = _resolve_body(s.body, dict(env), s.name)
             if not st.body:
                 raise SpecError(f"stage '{s.name}' is empty", s.span)
@@ -175,6 +180,10 @@ def _resolve_op(s: A.OpStmt, env: dict[str, Any], stage: str | None) -> Stmt:
         if a.key is None:
             if isinstance(a.value, A.Ref) and isinstance(v, str) and v in bool_fields and v not in values:
                 key, v = v, True
+            elif isinstance(v, CallValue) and v.name in op.Attrs.model_fields:
+                key = v.name  # `residual(alpha=0.5)` fills the attribute `residual`
+            elif isinstance(a.value, A.Ref) and v in op.word_fields and v not in values:
+                key = v  # a bare `residual` means residual(...) with its defaults
             elif pos:
                 key = pos.pop(0)
             else:
@@ -208,7 +217,7 @@ def build_graph(name: str, program: list[Stmt], filename: str = "<string>", sour
     pending: list[tuple[Node, list[str] | None, Span | None]] = []
     count = [0]
 
-    def emit(st: Stmt, node_name: str, stage: str | None) -> None:
+    def emit(st: Stmt, node_name: str, stage: str | None, index: int = 0) -> None:
         op = REGISTRY[st.op]
         spans = st.__dict__.get("_spans", {})
         if node_name in g or node_name in g.aliases:
@@ -223,13 +232,15 @@ def build_graph(name: str, program: list[Stmt], filename: str = "<string>", sour
                 sub_spans = {k: spans[src] for k, src in sub.spans_from.items() if src in spans}
                 attrs = validate_attrs(sub_op, sub.attrs, sub_spans, st.span)
                 ins = [local[i] if i != "<in>" else "<in>" for i in sub.inputs]
-                node = Node(name=full, op=sub.op, attrs=attrs, block=node_name, stage=stage, span=st.span, attr_spans=sub_spans)
+                node = Node(name=full, op=sub.op, attrs=attrs, block=node_name, stage=stage, span=st.span,
+                            attr_spans=sub_spans, index=index)
                 _add(node, ins, explicit, st)
                 local[sub.suffix] = full
             g.aliases[node_name] = local[subs[-1].suffix]
             prev[0] = g.aliases[node_name]
         else:
-            node = Node(name=node_name, op=op.kind, attrs=st.attrs, block=node_name, stage=stage, span=st.span, attr_spans=spans)
+            node = Node(name=node_name, op=op.kind, attrs=st.attrs, block=node_name, stage=stage, span=st.span,
+                        attr_spans=spans, index=index)
             _add(node, ["<in>"] if op.inputs[1] != 0 else [], explicit, st)
             prev[0] = node_name
 
@@ -254,10 +265,19 @@ def build_graph(name: str, program: list[Stmt], filename: str = "<string>", sour
             if st.name in g or st.name in g.aliases:
                 raise SpecError(f"duplicate name '{st.name}'", st.span)
             depth = st.attrs["depth"]
+            sspans = st.__dict__.get("_spans", {})
+            if st.attrs.get("downsample", "none") == "merge":
+                down = Stmt(kind="op", name=f"{st.name}.downsample", op="merge",
+                            attrs=validate_attrs(get_op("merge"), {"out": st.attrs.get("dim")}, {"out": sspans.get("dim", st.span)}, st.span),
+                            span=st.span)
+                down.__dict__["_spans"] = {"out": sspans["dim"]} if "dim" in sspans else {}
+                emit(down, f"{st.name}.downsample", st.name)
+            elif st.attrs.get("dim") is not None:
+                raise SpecError("stage dim= sets the width after downsampling; add downsample=merge", sspans.get("dim", st.span))
             i = 0
             for _ in range(depth):
                 for child in st.body:
-                    emit(child, f"{st.name}.{i}", st.name)
+                    emit(child, f"{st.name}.{i}", st.name, i)
                     i += 1
             g.aliases[st.name] = prev[0]
         else:
@@ -269,6 +289,7 @@ def build_graph(name: str, program: list[Stmt], filename: str = "<string>", sour
                 st.name = st.label
             emit(st, node_name, None)
     _wire(g)
+    _link_scores(g)
     return g
 
 
@@ -306,3 +327,58 @@ def _wire(g: Graph) -> None:
         raise SpecError(f"cycle in data flow: {' -> '.join(names)}", culprit.input_spans[0] if culprit.input_spans else culprit.span)
     index = {name: i for i, name in enumerate(g.order)}
     g.order = list(nx.lexicographical_topological_sort(g.nx, key=lambda n: index[n]))
+
+
+def _data_preds(g: Graph, name: str) -> list[str]:
+    return [u for u, _, d in g.nx.in_edges(name, data=True) if d.get("kind", "data") == "data"]
+
+
+def _link_scores(g: Graph) -> None:
+    """Residual attention: give each such attention node the mixed scores of the
+    nearest residual attention upstream (port #scores), and the shared α node
+    (ReViT's single learnable scalar) when it is used.  Scores never merge: if two
+    paths bring scores, that is an error."""
+    users = [n for n in g.nodes() if n.op == "attention" and n.attrs.residual is not None]
+    if not users:
+        return
+    is_res = {n.name for n in users}
+    shared = [n for n in users if n.attrs.residual.mode == "learnable"]
+    if shared:
+        if "alpha" in g:
+            raise SpecError("the name 'alpha' is taken by the shared residual-attention α; rename that node", g.node("alpha").span)
+        init = {n.attrs.residual.alpha for n in shared}
+        if len(init) > 1:
+            raise SpecError(f"blocks share one learnable α but give different initial values {sorted(init)}", shared[1].span_of("residual"))
+        alpha = Node(name="alpha", op="scalar", attrs=validate_attrs(get_op("scalar"), {"init": init.pop()}, {}, None),
+                     span=shared[0].span, block="alpha")
+        g.add_node(alpha)
+    for n in users:
+        found: set[str] = set()
+        seen: set[str] = set()
+        stack = _data_preds(g, n.name)
+        while stack:  # nearest residual-attention ancestors along data edges
+            u = stack.pop()
+            if u in seen:
+                continue
+            seen.add(u)
+            if u in is_res:
+                found.add(u)
+            else:
+                stack.extend(_data_preds(g, u))
+        if len(found) > 1:
+            raise SpecError(
+                f"residual attention in '{n.name}' would have to merge scores from {len(found)} paths "
+                f"({', '.join(sorted(found))}); residual attention cannot cross a join", n.span_of("residual"))
+        extra: list[tuple[str, str]] = []
+        if n.attrs.residual.mode == "learnable":
+            extra.append(("alpha", "alpha"))
+        if found:
+            src = found.pop()
+            extra.append((f"{src}#scores", "scores"))
+        for ref, kind in extra:
+            src = ref.partition("#")[0]
+            g.nx.add_edge(src, n.name, slot=len(n.inputs), kind=kind)
+            n.inputs.append(ref)
+            n.input_spans.append(n.span_of("residual"))
+    index = {name: i for i, name in enumerate(g.order)}
+    g.order = list(nx.lexicographical_topological_sort(g.nx, key=lambda x: index[x]))

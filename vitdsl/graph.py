@@ -47,7 +47,9 @@ class Node(BaseModel):
     span: Span = Field(default_factory=Span)
     attr_spans: dict[str, Span] = {}
     input_spans: list[Span] = []
+    index: int = 0  # position within its stage (alternating window shifts use it)
     out: TensorType | None = None
+    scores: TensorType | None = None  # second output (port #scores) of residual attention
     cost: Cost | None = None
 
     def span_of(self, attr: str) -> Span:
@@ -81,6 +83,12 @@ class Graph:
 
     def node(self, name: str) -> Node:
         return self.nx.nodes[name]["node"]
+
+    def value_type(self, ref: str) -> TensorType:
+        """Type of an input reference: `node` or `node#scores`."""
+        name, _, port = ref.partition("#")
+        n = self.node(name)
+        return n.scores if port == "scores" else n.out
 
     def __contains__(self, name: str) -> bool:
         return name in self.nx

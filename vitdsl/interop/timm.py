@@ -24,13 +24,47 @@ def _tokens(n: Node, g: Graph) -> dict[str, str]:
 RENAMES["tokens"] = _tokens
 
 
-def key_map(graph: Graph, model_keys: "list[str]") -> dict[str, str]:
-    """Our state_dict key -> timm's, for every key of the compiled model."""
+def _candidates(key: str, node: Node, stage_index: dict[str, int]) -> list[str]:
+    """timm names a parameter may have, most specific first.  timm lays out the same
+    architecture differently per family: ViT keeps `blocks.N`, Swin nests blocks as
+    `layers.S.blocks.N` (downsampling at `layers.S.downsample`), MobileViT uses
+    `stages.S.N`; classifiers are `head` or `head.fc`."""
+    out = [key]
+    if node.stage is not None:
+        j = stage_index[node.stage]
+        rest = key[len(node.stage) + 1:]
+        if rest.startswith("downsample."):
+            out.append(f"layers.{j}.{rest}")
+        else:
+            out.append(f"layers.{j}.blocks.{rest}")
+        out.append(f"stages.{j}.{rest}")
+    if key.startswith("head."):
+        out.append("head.fc." + key[len("head."):])
+    return out
+
+
+def key_map(graph: Graph, model_keys: "list[str]", timm_keys: "set[str] | None" = None) -> dict[str, str]:
+    """Our state_dict key -> timm's, for every key of the compiled model.  With
+    `timm_keys`, the first candidate name that timm has wins."""
     renames: dict[str, str] = {}
     for n in graph.nodes():
         if n.op in RENAMES:
             renames.update(RENAMES[n.op](n, graph))
-    return {k: renames.get(k, k) for k in model_keys}
+    stages: dict[str, int] = {}
+    for n in graph.nodes():
+        if n.stage is not None and n.stage not in stages:
+            stages[n.stage] = len(stages)
+    owner = {}
+    names = sorted(graph.order, key=len, reverse=True)
+    result = {}
+    for k in model_keys:
+        if k in renames:
+            result[k] = renames[k]
+            continue
+        node = owner.get(k) or next((graph.node(n) for n in names if k.startswith(n + ".")), None)
+        cands = _candidates(k, node, stages) if node is not None else [k]
+        result[k] = next((c for c in cands if timm_keys is None or c in timm_keys), cands[0])
+    return result
 
 
 def convert_state_dict(graph: Graph, timm_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,7 +74,7 @@ def convert_state_dict(graph: Graph, timm_state_dict: Mapping[str, torch.Tensor]
 
     with torch.device("meta"):
         ours = compile(graph, seed=None).state_dict()
-    mapping = key_map(graph, list(ours))
+    mapping = key_map(graph, list(ours), set(timm_state_dict))
     missing = [t for t in mapping.values() if t not in timm_state_dict]
     used = set(mapping.values())
     unexpected = [k for k in timm_state_dict if k not in used]

@@ -41,6 +41,7 @@ class OpDef:
     positional: ClassVar[tuple[str, ...]] = ()  # fields that bare values fill, in order
     default_name: ClassVar[str | None] = None  # node name when the statement has no label
     inputs: ClassVar[tuple[int, int | None]] = (1, 1)  # min, max (None: unbounded)
+    word_fields: ClassVar[tuple[str, ...]] = ()  # fields a bare word of the same name sets
     composite: ClassVar[bool] = False
     has_weights: ClassVar[bool] = False
 

@@ -1,4 +1,4 @@
-"""Model boundary ops: the input image, token pooling and the classifier head."""
+"""Model boundary ops: the input image, pooling (tokens or image) and the classifier head."""
 from __future__ import annotations
 
 from typing import Literal
@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
+from ..interop.timm import RENAMES
 from ..types import Cost, TensorType
 from .base import Attrs, OpDef, register_op
 
@@ -38,15 +39,20 @@ class Input(OpDef):
 
 
 def _pool(x: torch.Tensor, how: str, prefix: int) -> torch.Tensor:
+    if x.dim() == 4:
+        return x.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C): global average pooling
     if how == "cls":
         return x[:, 0]  # (B, N, C) -> (B, C): the first class token
     return x[:, prefix:].mean(dim=1)  # mean over patch tokens, class tokens excluded
 
 
 def _pooled(node, t: TensorType, how: str | None, attr: str) -> TensorType:
-    if t.kind != "tokens":
-        raise node.error(f"{node.op} pool={how} needs tokens, but its input is {t.kind} {t}", attr)
-    if how == "cls" and t.prefix < 1:
+    if t.kind == "image":
+        if how != "mean":
+            raise node.error(f"an image ({t}) pools with pool=mean (global average), not {how}", attr)
+    elif t.kind != "tokens":
+        raise node.error(f"{node.op} pool={how} needs tokens or an image, but its input is {t.kind} {t}", attr)
+    elif how == "cls" and t.prefix < 1:
         raise node.error("pool=cls needs a class token; add `tokens cls=1` or use pool=mean", attr)
     return TensorType(kind="vector", shape=(t.channels,))
 
@@ -62,7 +68,8 @@ class _Pool(nn.Module):
 
 @register_op
 class Pool(OpDef):
-    """`pool mean`: tokens -> one vector (class token or mean of patch tokens)."""
+    """`pool mean`: tokens or an image -> one vector (class token, mean of patch tokens,
+    or the global average over H and W)."""
 
     kind = "pool"
     default_name = "pool"
@@ -96,7 +103,7 @@ class HeadLinear(nn.Linear):
 
 @register_op
 class Head(OpDef):
-    """`head pool=cls classes=1000`: the classifier."""
+    """`head pool=cls classes=1000`: the classifier (on tokens, an image or a vector)."""
 
     kind = "head"
     default_name = "head"
@@ -108,14 +115,12 @@ class Head(OpDef):
 
     def infer(self, node, ins):
         t = ins[0]
-        if t.kind == "tokens":
+        if t.kind in ("tokens", "image"):
             if node.attrs.pool is None:
-                raise node.error("head on tokens needs pool=cls or pool=mean")
+                raise node.error(f"head on {t.kind} needs pool=" + ("cls or pool=mean" if t.kind == "tokens" else "mean"))
             t = _pooled(node, t, node.attrs.pool, "pool")
         elif node.attrs.pool is not None:
             raise node.error(f"head input is already a {t.kind} ({t}); drop pool=", "pool")
-        if t.kind != "vector":
-            raise node.error(f"head needs tokens or a vector, got {t.kind} {t}")
         return TensorType(kind="vector", shape=(node.attrs.classes,))
 
     def cost(self, node, ins, out):
@@ -129,3 +134,14 @@ class Head(OpDef):
         if m.bias is not None:
             nn.init.zeros_(m.bias)
         return m
+
+
+def _head_renames(n, g) -> dict[str, str]:
+    # timm's CNN-style models (MobileViT, byobnet) pool an image in a ClassifierHead whose
+    # linear layer is `head.fc`; its ViTs keep a bare Linear at `head` (our layout).
+    if g.node(n.inputs[0]).out.kind != "image":
+        return {}
+    return {f"{n.name}.{k}": f"{n.name}.fc.{k}" for k in ("weight", "bias")}
+
+
+RENAMES["head"] = _head_renames

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from .attention import AttnKind, Residual
 from .base import Attrs, OpDef, SubNode, register_op
 
 
@@ -21,21 +22,24 @@ class Transformer(OpDef):
     kind = "transformer"
     default_name = "block"
     composite = True
+    word_fields = ("residual",)
 
     class Attrs(Attrs):
         heads: int = Field(ge=1, le=4096)
         dim: int | None = Field(None, ge=1)
         mlp: float = Field(4.0, gt=0, le=1024)
         act: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu"
-        attn: Literal["global"] = "global"
+        attn: AttnKind = AttnKind()
+        residual: Residual | None = None
         qkv_bias: bool = False
         eps: float = Field(1e-6, gt=0, lt=1)
 
     def expand(self, a):
         return [
             SubNode(suffix="norm1", op="norm", attrs={"eps": a.eps}, inputs=["<in>"], spans_from={"eps": "eps"}),
-            SubNode(suffix="attn", op="attention", attrs={"heads": a.heads, "attn": a.attn, "qkv_bias": a.qkv_bias, "dim": a.dim},
-                    inputs=["norm1"], spans_from={"heads": "heads", "dim": "dim", "attn": "attn"}),
+            SubNode(suffix="attn", op="attention",
+                    attrs={"heads": a.heads, "attn": a.attn, "residual": a.residual, "qkv_bias": a.qkv_bias, "dim": a.dim},
+                    inputs=["norm1"], spans_from={"heads": "heads", "dim": "dim", "attn": "attn", "residual": "residual"}),
             SubNode(suffix="res1", op="add", attrs={}, inputs=["<in>", "attn"]),
             SubNode(suffix="norm2", op="norm", attrs={"eps": a.eps}, inputs=["res1"], spans_from={"eps": "eps"}),
             SubNode(suffix="mlp", op="mlp", attrs={"ratio": a.mlp, "act": a.act}, inputs=["norm2"], spans_from={"ratio": "mlp", "act": "act"}),

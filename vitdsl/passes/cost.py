@@ -10,7 +10,7 @@ DEFAULT_MAX_PARAMS = 10**10
 
 def cost(g: Graph) -> Graph:
     for n in g.nodes():
-        n.cost = REGISTRY[n.op].cost(n, [g.node(i).out for i in n.inputs], n.out)
+        n.cost = REGISTRY[n.op].cost(n, [g.value_type(i) for i in n.inputs], n.out)
     return g
 
 

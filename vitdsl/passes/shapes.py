@@ -7,6 +7,6 @@ from ..ops.base import REGISTRY
 
 def infer_shapes(g: Graph) -> Graph:
     for n in g.nodes():
-        ins = [g.node(i).out for i in n.inputs]
+        ins = [g.value_type(i) for i in n.inputs]
         n.out = REGISTRY[n.op].infer(n, ins)
     return g
