@@ -51,9 +51,17 @@ def attrs_text(op, attrs) -> str:
             continue
         if isinstance(v, bool) and v:
             out.append(name)
+        elif name in getattr(op, "word_fields", ()) and _call_name(v) == name:
+            out.append(value_text(v))  # `residual(alpha=0.5)` rather than residual=residual(...)
         else:
             out.append(f"{name}={value_text(_as_size(name, v, op))}")
     return " ".join(out)
+
+
+def _call_name(v: Any) -> str | None:
+    if isinstance(v, BaseModel) and hasattr(v, "to_value"):
+        v = v.to_value()
+    return v.name if isinstance(v, CallValue) else None
 
 
 def _as_size(name: str, v: Any, op) -> Any:

@@ -352,32 +352,43 @@ def _link_scores(g: Graph) -> None:
         alpha = Node(name="alpha", op="scalar", attrs=validate_attrs(get_op("scalar"), {"init": init.pop()}, {}, None),
                      span=shared[0].span, block="alpha")
         g.add_node(alpha)
-    for n in users:
-        found: set[str] = set()
-        seen: set[str] = set()
-        stack = _data_preds(g, n.name)
-        while stack:  # nearest residual-attention ancestors along data edges
-            u = stack.pop()
-            if u in seen:
-                continue
-            seen.add(u)
-            if u in is_res:
-                found.add(u)
-            else:
-                stack.extend(_data_preds(g, u))
-        if len(found) > 1:
+    # Forward over the data flow: latest[n] is the residual attention whose scores
+    # are the most recent at n.  Where paths join, a source that is itself upstream
+    # (in the chain of scores) of another is superseded; two unrelated ones are an error.
+    chain: dict[str, str | None] = {}
+    latest: dict[str, frozenset[str]] = {}
+
+    def upstream(u: str, v: str) -> bool:
+        while v is not None:
+            v = chain.get(v)
+            if v == u:
+                return True
+        return False
+
+    for name in g.order:
+        incoming: set[str] = set()
+        for u in _data_preds(g, name):
+            incoming |= latest.get(u, frozenset())
+        if len(incoming) > 1:
+            incoming = {u for u in incoming if not any(upstream(u, v) for v in incoming if v != u)}
+        if name not in is_res:
+            latest[name] = frozenset(incoming)
+            continue
+        n = g.node(name)
+        if len(incoming) > 1:
             raise SpecError(
-                f"residual attention in '{n.name}' would have to merge scores from {len(found)} paths "
-                f"({', '.join(sorted(found))}); residual attention cannot cross a join", n.span_of("residual"))
+                f"residual attention in '{n.name}' would have to merge scores from {len(incoming)} paths "
+                f"({', '.join(sorted(incoming))}); residual attention cannot cross a join", n.span_of("residual"))
+        src = next(iter(incoming), None)
+        chain[name] = src
+        latest[name] = frozenset({name})
         extra: list[tuple[str, str]] = []
         if n.attrs.residual.mode == "learnable":
             extra.append(("alpha", "alpha"))
-        if found:
-            src = found.pop()
+        if src is not None:
             extra.append((f"{src}#scores", "scores"))
         for ref, kind in extra:
-            src = ref.partition("#")[0]
-            g.nx.add_edge(src, n.name, slot=len(n.inputs), kind=kind)
+            g.nx.add_edge(ref.partition("#")[0], n.name, slot=len(n.inputs), kind=kind)
             n.inputs.append(ref)
             n.input_spans.append(n.span_of("residual"))
     index = {name: i for i, name in enumerate(g.order)}

@@ -5,8 +5,9 @@
 * the graph is cut into *sections*: runs of nodes in the same stage (drawn as a
   labelled cluster) or outside any stage;
 * a section's *groups* (a block such as ``blocks.3``, drawn as a light sub-box, or
-  a lone node) are packed into one column, or into several side by side when one
-  would be too tall; the main flow runs straight down each column;
+  a lone node) are stacked in one column, or, when the drawing would be too tall,
+  in several side by side (one height cap for all sections, picked for a
+  reasonable aspect ratio); the main flow runs straight down each column;
 * edges from a node to the very next node in execution order are the main flow
   (dark); every other edge is a skip/residual edge (orange) and leaves and enters
   boxes on their right-hand side: a curve beside the column when both ends share
@@ -37,10 +38,12 @@ GUT_PAD, GUT_MIN = 12, 26   # gutter between two columns
 CH_PAD = 10          # channel above/below columns: first track's distance
 GAP_MIN = 30         # vertical gap between two sections
 STAGE_HEAD, STAGE_PAD = 30, 14  # stage cluster: label band, padding
-STAGE_LINE = 15     # a stage label's second line, when it wraps
+STAGE_LINE = 15      # a stage label's second line, when it wraps
 MARGIN, TITLE_H = 20, 74
-MAX_COL_H = 1000     # a section taller than this is split into columns
-MAX_COLUMNS = 64
+MAX_ONE_COLUMN_H = 1600  # a drawing taller than this is split into columns...
+ASPECT = 0.7         # ...to bring its width / height near this
+MAX_COLUMNS = 64     # per section
+SECTION_EXTRA = 110  # about what a section adds to the height besides its columns
 
 FONT = "Helvetica, Arial, 'DejaVu Sans', sans-serif"
 MAIN_COLOR, SKIP_COLOR = "#4a5260", "#e07b00"
@@ -253,18 +256,32 @@ def _balanced(heights: list[float], k: int) -> list[list[int]]:
     return _pack(heights, hi)
 
 
-def _split(heights: list[float], col_w: float) -> list[list[int]]:
-    """One column if it is short enough, else the split closest to a square."""
-    n = len(heights)
-    if n == 1 or _col_height(heights) <= MAX_COL_H:
-        return [list(range(n))]
-    best: tuple[float, list[list[int]]] | None = None
-    for k in range(2, min(n, MAX_COLUMNS) + 1):
-        cols = _balanced(heights, k)
-        tallest = max(_col_height([heights[i] for i in c]) for c in cols)
-        score = abs(math.log(len(cols) * col_w / tallest))
+def _options(heights: list[float]) -> list[tuple[float, list[list[int]]]]:
+    """A section's useful splits, fewest columns first: (tallest column, split)."""
+    out: list[tuple[float, list[list[int]]]] = []
+    for k in range(1, min(len(heights), MAX_COLUMNS) + 1):
+        split = _balanced(heights, k)
+        tallest = max(_col_height([heights[i] for i in c]) for c in split)
+        if not out or tallest < out[-1][0]:
+            out.append((tallest, split))
+    return out
+
+
+def _split_all(heights: list[list[float]], col_w: float) -> list[list[list[int]]]:
+    """Columns for every section (given its groups' heights): one each while the
+    drawing is short, else one cap on column height for all sections, chosen to
+    bring the drawing's shape nearest ASPECT."""
+    if sum(_col_height(hs) + SECTION_EXTRA for hs in heights) <= MAX_ONE_COLUMN_H:
+        return [[list(range(len(hs)))] for hs in heights]
+    options = [_options(hs) for hs in heights]
+    best: tuple[float, list[list[list[int]]]] | None = None
+    for cap in sorted({t for opts in options for t, _ in opts}, reverse=True):
+        chosen = [next((o for o in opts if o[0] <= cap), opts[-1]) for opts in options]
+        width = max(len(split) for _, split in chosen) * col_w
+        height = sum(tallest + SECTION_EXTRA for tallest, _ in chosen)
+        score = abs(math.log(width / height / ASPECT))
         if best is None or score < best[0] - 1e-9:
-            best = (score, cols)
+            best = (score, [split for _, split in chosen])
     assert best is not None
     return best[1]
 
@@ -322,10 +339,10 @@ class _Layout:
 
     # -- columns -------------------------------------------------------------
     def _make_columns(self) -> None:
-        col_w = self.node_w + 2 * SIDE + LANE0 + GUT_MIN + 2 * TRACK
-        for si, s in enumerate(self.sections):
-            heights = [self._group_height(grp) for grp in s.groups]
-            for idx in _split(heights, col_w):
+        col_w = self.node_w + 2 * SIDE + LANE0 + GUT_MIN
+        heights = [[self._group_height(grp) for grp in s.groups] for s in self.sections]
+        for si, (s, split) in enumerate(zip(self.sections, _split_all(heights, col_w))):
+            for idx in split:
                 groups = [s.groups[i] for i in idx]
                 nodes = [m for grp in groups for m in grp.nodes]
                 ci = len(self.columns)

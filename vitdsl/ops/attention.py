@@ -105,7 +105,7 @@ class Residual(BaseModel):
 
     def to_value(self) -> Any:
         args = () if self.mode == "fixed" else (self.mode,)
-        return CallValue(name="residual", args=args, kwargs={"alpha": self.alpha})
+        return CallValue(name="residual", args=args, kwargs={"alpha": self.alpha})  # residual(learnable, alpha=0.5)
 
 
 # ------------------------------------------------------------------ geometry
