@@ -178,8 +178,11 @@ model m {
 }
 """
     g = vitdsl.loads(text)
-    assert [g.node(n).out.shape for n in ("a", "b")] == [(6, 7, 7), (6, 5, 5)]
+    # padding none = kernel // 2 * dilation = 4: (17 + 8 - 2*4 - 1) // 2 + 1 = 9; then 9 - 2 = 7
+    assert [g.node(n).out.shape for n in ("a", "b")] == [(6, 9, 9), (6, 7, 7)]
     model = vitdsl.compile(g)
+    a = model.get_submodule("a")(torch.randn(1, 3, 17, 17))
+    assert a.shape[1:] == (6, 9, 9) and model.get_submodule("b")(a).shape[1:] == (6, 7, 7)
     keys = set(model.state_dict())
     assert {"a.conv.weight", "a.conv.bias", "b.conv.weight", "b.bn.running_mean"} <= keys
     assert "a.bn.weight" not in keys

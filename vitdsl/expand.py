@@ -391,5 +391,7 @@ def _link_scores(g: Graph) -> None:
             g.nx.add_edge(ref.partition("#")[0], n.name, slot=len(n.inputs), kind=kind)
             n.inputs.append(ref)
             n.input_spans.append(n.span_of("residual"))
-    index = {name: i for i, name in enumerate(g.order)}
+    index: dict[str, float] = {name: i for i, name in enumerate(g.order)}
+    if "alpha" in index and shared:
+        index["alpha"] = 0.5  # right after the input: keeps stages contiguous in tables and pictures
     g.order = list(nx.lexicographical_topological_sort(g.nx, key=lambda x: index[x]))

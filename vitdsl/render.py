@@ -46,7 +46,7 @@ MAX_COLUMNS = 64     # per section
 SECTION_EXTRA = 110  # about what a section adds to the height besides its columns
 
 FONT = "Helvetica, Arial, 'DejaVu Sans', sans-serif"
-MAIN_COLOR, SKIP_COLOR = "#4a5260", "#e07b00"
+MAIN_COLOR, SKIP_COLOR, SCORE_COLOR = "#4a5260", "#e07b00", "#7c3aed"
 OP_COLORS = {
     "input": "#e8eaed", "embed": "#d4efd9", "tokens": "#d4efd9", "norm": "#fdf1c7",
     "attention": "#d5e5ff", "mlp": "#e8dcfb", "add": "#ffe7cc", "pool": "#fbd9d9",
@@ -185,8 +185,10 @@ def to_dot(graph: Graph) -> str:
                 out += [_dot_node(graph.node(m), indent) for m in grp.nodes]
         if s.stage is not None:
             out.append("  }")
-    for u, v in graph.nx.edges():
+    for u, v, d in graph.nx.edges(data=True):
         attrs = f' [color="{SKIP_COLOR}", weight=0]' if _is_skip(pos, u, v) else " [weight=10]"
+        if d.get("kind", "data") != "data":
+            attrs = f' [color="{SCORE_COLOR}", style=dashed, weight=0, label="{d["kind"]}", fontsize=8]' 
         out.append(f"  {_dq(u)} -> {_dq(v)}{attrs};")
     out.append("}")
     return "\n".join(out) + "\n"
@@ -679,7 +681,8 @@ def _svg_head(lay: _Layout, width: float, height: float) -> list[str]:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{_n(width)}" height="{_n(height)}" '
         f'viewBox="0 0 {_n(width)} {_n(height)}" font-family="{_esc(FONT)}">',
         f"<title>{_esc(g.name)}</title>",
-        "<defs>" + arrow.format(id="arrow", c=MAIN_COLOR) + arrow.format(id="arrow-skip", c=SKIP_COLOR) + "</defs>",
+        "<defs>" + arrow.format(id="arrow", c=MAIN_COLOR) + arrow.format(id="arrow-skip", c=SKIP_COLOR)
+        + arrow.format(id="arrow-score", c=SCORE_COLOR) + "</defs>",
         "<style>"
         ".stage{fill:#f4f7fb;stroke:#94a3b8;stroke-dasharray:5 3}"
         ".stage-label{font-size:13px;font-weight:bold;fill:#334155;"
@@ -694,6 +697,8 @@ def _svg_head(lay: _Layout, width: float, height: float) -> list[str]:
         ".node .params{font-size:10px;fill:#6b7280}"
         f".edge{{fill:none;stroke:{MAIN_COLOR};stroke-width:1.4}}"
         f".edge.skip{{stroke:{SKIP_COLOR};stroke-width:1.4}}"
+        f".edge.scores{{stroke:{SCORE_COLOR};stroke-dasharray:6 3}}"
+        f".edge.alpha{{stroke:{SCORE_COLOR};stroke-dasharray:2 3;stroke-opacity:.6}}"
         ".legend{font-size:11px;fill:#4b5563}"
         "</style>",
         '<rect width="100%" height="100%" fill="#ffffff"/>',
@@ -703,7 +708,11 @@ def _svg_head(lay: _Layout, width: float, height: float) -> list[str]:
         f'<g class="legend"><path d="M{MARGIN},{ly - 4} h26" {line.format(c=MAIN_COLOR)} marker-end="url(#arrow)"/>'
         f'<text x="{MARGIN + 32}" y="{ly}">main flow</text>'
         f'<path d="M{MARGIN + 110},{ly - 4} h26" {line.format(c=SKIP_COLOR)} marker-end="url(#arrow-skip)"/>'
-        f'<text x="{MARGIN + 142}" y="{ly}">skip / residual</text></g>',
+        f'<text x="{MARGIN + 142}" y="{ly}">skip / residual</text>'
+        + (f'<path d="M{MARGIN + 250},{ly - 4} h26" {line.format(c=SCORE_COLOR)} stroke-dasharray="6 3" '
+           f'marker-end="url(#arrow-score)"/><text x="{MARGIN + 282}" y="{ly}">attention scores</text>'
+           if any(d.get("kind", "data") == "scores" for _, _, d in g.nx.edges(data=True)) else "")
+        + "</g>",
     ]
 
 
@@ -754,7 +763,10 @@ def _svg_edges(lay: _Layout) -> list[str]:
             d = _arc_path(e.points)
         else:
             d = _rounded_path(e.points, 14 if e.skip else 8)
+        kind = lay.g.nx.edges[e.src, e.dst].get("kind", "data")
         cls, marker = ("edge skip", "arrow-skip") if e.skip else ("edge", "arrow")
+        if kind != "data":  # attention scores (ReViT) and shared parameters
+            cls, marker = f"edge skip {kind}", "arrow-score"
         out.append(f'<path class="{cls}" data-src="{_esc(e.src)}" data-dst="{_esc(e.dst)}" '
                    f'd="{d}" marker-end="url(#{marker})"><title>{_esc(e.src)} → {_esc(e.dst)}</title></path>')
     return out
