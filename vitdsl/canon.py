@@ -84,6 +84,13 @@ def stmt_lines(stmt, depth: int = 1) -> list[str]:
         for s in stmt.body:
             lines += stmt_lines(s, depth + 1)
         return lines + [pad + "}"]
+    if stmt.kind == "shortcut":
+        from .expand import ShortcutAttrs
+
+        a = stmt.attrs
+        taps = ", ".join(f"{ref} -> {w}" for ref, w in a["taps"])
+        opts = "".join(f" {k}={value_text(a[k])}" for k, f in ShortcutAttrs.model_fields.items() if a[k] != f.default)
+        return [f"{pad}shortcut {stmt.name} from {taps}{opts} into {a['into']}"]
     op = REGISTRY[stmt.op]
     text = stmt.op
     rest = attrs_text(op, stmt.attrs)

@@ -149,8 +149,48 @@ def _resolve_body(body: list[A.Stmt], env: dict[str, Any], stage: str | None) ->
         elif isinstance(s, A.BitsBlock):
             raise SpecError("'bits' sections are parsed but not implemented yet (per-layer bit widths land with the quantization work)", s.span)
         elif isinstance(s, A.ShortcutStmt):
-            raise SpecError("'shortcut' is parsed but not implemented yet (named shortcuts land with the seed architectures)", s.span)
+            if stage is not None:
+                raise SpecError("a shortcut belongs at model level, not inside a stage", s.span)
+            out.append(_resolve_shortcut(s, env))
     return out
+
+
+class ShortcutAttrs(BaseModel):
+    """`shortcut NAME from A -> 128, B -> 160 [act=silu] [norm=bn] [pool=mean] into NODE`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    act: Literal["silu", "relu", "gelu", "none"] = "silu"
+    norm: Literal["bn", "none"] = "bn"
+    pool: Literal["mean"] = "mean"
+
+
+def _resolve_shortcut(s: A.ShortcutStmt, env: dict[str, Any]) -> Stmt:
+    vals, spans = {}, {}
+    for a in s.args:
+        if a.key is None:
+            raise SpecError("shortcut options are key=value, e.g. act=silu", a.span)
+        vals[a.key], spans[a.key] = evaluate(a.value, env), a.span
+    for k in vals:
+        if k not in ShortcutAttrs.model_fields:
+            raise SpecError(f"unknown shortcut attribute '{k}'{did_you_mean(k, set(ShortcutAttrs.model_fields))}", spans[k])
+    try:
+        attrs = ShortcutAttrs.model_validate(vals)
+    except ValidationError as e:
+        err = e.errors()[0]
+        f = str(err["loc"][0])
+        raise SpecError(f"invalid value {vals.get(f)!r} for '{f}' of shortcut: {err['msg'][0].lower()}{err['msg'][1:]}", spans.get(f, s.span)) from None
+    if s.into is None:
+        raise SpecError("a shortcut needs a destination: `... into head`", s.span)
+    taps = []
+    for t in s.taps:
+        w = evaluate(t.width, env)
+        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+            raise SpecError(f"a tap's width must be a positive integer, got {w!r}", t.width.span)
+        taps.append((t.ref.dotted, w))
+    st = Stmt(kind="shortcut", name=s.name, attrs={"taps": taps, "into": s.into.dotted, **attrs.model_dump()}, span=s.span)
+    st.__dict__["_tap_spans"] = [t.span for t in s.taps]
+    st.__dict__["_into_span"] = s.into.span
+    return st
 
 
 def _validate_stage(vals: dict[str, Any], spans: dict[str, Span], where: Span) -> StageAttrs:
@@ -261,6 +301,11 @@ def build_graph(name: str, program: list[Stmt], filename: str = "<string>", sour
         g.add_node(node)
 
     for st in program:
+        if st.kind == "shortcut":
+            if st.name in g or st.name in g.aliases:
+                raise SpecError(f"duplicate name '{st.name}'", st.span)
+            g.aliases[st.name] = f"{st.name}.cat"
+            continue
         if st.kind == "stage":
             if st.name in g or st.name in g.aliases:
                 raise SpecError(f"duplicate name '{st.name}'", st.span)
@@ -289,8 +334,48 @@ def build_graph(name: str, program: list[Stmt], filename: str = "<string>", sour
                 st.name = st.label
             emit(st, node_name, None)
     _wire(g)
+    for st in program:
+        if st.kind == "shortcut":
+            _add_shortcut(g, st)
     _link_scores(g)
     return g
+
+
+def _add_shortcut(g: Graph, st: Stmt) -> None:
+    """One `tap` node per tapped stage, a concat of their pooled outputs and the
+    destination's own input, and the destination rewired to read the concat."""
+    a = st.attrs
+    tap_spans, into_span = st.__dict__["_tap_spans"], st.__dict__["_into_span"]
+    known = set(g.order) | set(g.aliases)
+    into = g.aliases.get(a["into"], a["into"])
+    if into not in g:
+        raise SpecError(f"unknown name '{a['into']}' after into{did_you_mean(a['into'], known)}", into_span)
+    dest = g.node(into)
+    if len(dest.inputs) != 1:
+        raise SpecError(f"a shortcut feeds a node with one input; '{into}' has {len(dest.inputs)}", into_span)
+    names = []
+    for i, ((ref, width), span) in enumerate(zip(a["taps"], tap_spans)):
+        src = g.aliases.get(ref, ref)
+        if src not in g:
+            raise SpecError(f"shortcut taps unknown stage '{ref}'{did_you_mean(ref, known)}", span)
+        if src == into or nx.has_path(g.nx, into, src):
+            raise SpecError(f"shortcut taps '{ref}', which comes after '{a['into']}'", span)
+        name = f"{st.name}.{i}"
+        attrs = validate_attrs(get_op("tap"), {"out": width, "act": a["act"], "norm": a["norm"], "pool": a["pool"]}, {}, span)
+        node = Node(name=name, op="tap", attrs=attrs, inputs=[src], input_spans=[span], span=span, block=st.name, stage=None)
+        g.add_node(node)
+        g.nx.add_edge(src, name, slot=0)
+        names.append(name)
+    cat = Node(name=f"{st.name}.cat", op="concat", attrs=validate_attrs(get_op("concat"), {}, {}, st.span),
+               inputs=names + [dest.inputs[0]], input_spans=[st.span] * (len(names) + 1), span=st.span, block=st.name)
+    g.add_node(cat)
+    for slot, src in enumerate(cat.inputs):
+        g.nx.add_edge(src, cat.name, slot=slot)
+    g.nx.remove_edge(dest.inputs[0], into)
+    dest.inputs = [cat.name]
+    g.nx.add_edge(cat.name, into, slot=0)
+    index = {name: i for i, name in enumerate(g.order)}
+    g.order = list(nx.lexicographical_topological_sort(g.nx, key=lambda x: index[x]))
 
 
 def _wire(g: Graph) -> None:
