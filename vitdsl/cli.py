@@ -107,6 +107,36 @@ def cmd_graph(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    """Write a spec (and optionally converted weights) for a timm model."""
+    from .atomic import write_text
+    from .interop.timm_import import spec_from_timm
+
+    source, _, name = args.source.partition(":")
+    if source != "timm" or not name:
+        raise SpecError(f"expected timm:MODEL_NAME, got '{args.source}'")
+    text, model = spec_from_timm(name)
+    from .api import loads
+
+    g = loads(text, args.output)
+    if args.weights:
+        from safetensors.torch import save_file
+
+        from .interop.timm import convert_state_dict
+
+        state = {k: v.contiguous() for k, v in convert_state_dict(g, model.state_dict()).items()}
+        tmp = args.weights + ".partial"
+        try:
+            save_file(state, tmp, metadata={"source": f"timm:{name}"})
+            os.replace(tmp, args.weights)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    write_text(args.output, text)
+    print(f"wrote {args.output} ({g.total().params:,} params)" + (f" and {args.weights}" if args.weights else ""))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -136,6 +166,11 @@ def make_parser() -> argparse.ArgumentParser:
     _spec_arg(gr)
     gr.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.svg or FILE.dot")
     gr.set_defaults(func=cmd_graph)
+    im = sub.add_parser("import", help="write a spec for a timm model", description=cmd_import.__doc__)
+    im.add_argument("source", metavar="timm:NAME", help="e.g. timm:vit_small_patch16_224, timm:swin_tiny_patch4_window7_224")
+    im.add_argument("-o", "--output", required=True, metavar="SPEC", help="the .vit file to write")
+    im.add_argument("--weights", metavar="FILE", help="also write timm's (random-init) weights, converted, as safetensors")
+    im.set_defaults(func=cmd_import)
     return p
 
 

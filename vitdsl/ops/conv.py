@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 import torch.nn as nn
 from pydantic import Field, field_validator
 
-from ..types import Cost, TensorType
 from ..interop.timm import RENAMES
+from ..types import Cost, TensorType
 from .base import REGISTRY, Attrs, OpDef, register_op
 from .mlp import ACTIVATIONS
 
@@ -77,27 +78,6 @@ def need_image(node, t: TensorType) -> tuple[int, int, int]:
     if t.kind != "image":
         raise node.error(f"{node.op} needs an image (C x H x W), got {t.kind} {t}")
     return t.shape  # type: ignore[return-value]
-
-
-def stage_index(node, graph) -> str:
-    """timm's name for a node: the i-th spec stage in execution order is timm's
-    `stages.{i}` (byobnet / MobileViT layout); top-level nodes keep their names
-    (`stem`, `final_conv`)."""
-    if node.stage is None:
-        return node.name
-    stages: list[str] = []
-    for n in graph.nodes():
-        if n.stage is not None and n.stage not in stages:
-            stages.append(n.stage)
-    return f"stages.{stages.index(node.stage)}.{node.name[len(node.stage) + 1:]}"
-
-
-def timm_renames(node, graph, model_keys: list[str]) -> dict[str, str]:
-    """{our key: timm key} for every key under `node`, prefix rewritten by stage_index."""
-    prefix = stage_index(node, graph)
-    if prefix == node.name:
-        return {}
-    return {k: prefix + k[len(node.name):] for k in model_keys}
 
 
 # --------------------------------------------------------------------- conv
@@ -212,20 +192,30 @@ class Mv2Op(OpDef):
         return init_conv(InvertedResidual(cin, a.out, self.hidden(a, cin), a.kernel, a.stride, a.act))
 
 
+# ------------------------------------------------------------------ timm keys
+def timm_name(node, graph) -> str:
+    """timm's module path for a node: the i-th stage of the spec is timm's `stages.{i}`
+    (the byobnet / MobileViT layout: `s2.1` -> `stages.2.1` when s2 is the third stage);
+    top-level nodes keep their names (`stem`, `final_conv`)."""
+    if node.stage is None:
+        return node.name
+    stages = [s.name for s in graph.program if s.kind == "stage"]
+    return f"stages.{stages.index(node.stage)}{node.name[len(node.stage):]}"
+
+
 def node_state_keys(node, graph) -> list[str]:
     """The node's own state_dict keys (`<node>.<param>`), from a module built on the meta device."""
-    import torch
-
     with torch.device("meta"):
         m = REGISTRY[node.op].build_torch(node, [graph.node(i).out for i in node.inputs], node.out)
     return [f"{node.name}.{k}" for k in m.state_dict()]
 
 
 def timm_stage_renames(node, graph) -> dict[str, str]:
-    """RENAMES hook shared by the conv-family ops: spec stage `s2` -> timm `stages.2`."""
-    if node.stage is None:
+    """RENAMES hook of the conv-family ops: {our key: timm key} with the stage prefix rewritten."""
+    prefix = timm_name(node, graph)
+    if prefix == node.name:
         return {}
-    return timm_renames(node, graph, node_state_keys(node, graph))
+    return {k: prefix + k[len(node.name):] for k in node_state_keys(node, graph)}
 
 
 RENAMES["conv"] = RENAMES["mv2"] = timm_stage_renames

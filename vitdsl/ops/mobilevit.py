@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from ..interop.timm import RENAMES
-from ..types import Cost, TensorType
+from ..types import Cost
 from .base import Attrs, OpDef, register_op
 from .conv import ConvNormAct, conv_macs, conv_params, init_conv, need_image, none_word, timm_stage_renames
 from .mlp import Mlp

@@ -33,8 +33,11 @@ class Transformer(OpDef):
         residual: Residual | None = None
         qkv_bias: bool = False
         eps: float = Field(1e-6, gt=0, lt=1)
+        ls: float | None = Field(None, gt=0, le=1e6)  # LayerScale init (CaiT, DeiT III); none: off
 
     def expand(self, a):
+        if a.ls is not None:
+            return self._with_layer_scale(a)
         return [
             SubNode(suffix="norm1", op="norm", attrs={"eps": a.eps}, inputs=["<in>"], spans_from={"eps": "eps"}),
             SubNode(suffix="attn", op="attention",
@@ -45,3 +48,12 @@ class Transformer(OpDef):
             SubNode(suffix="mlp", op="mlp", attrs={"ratio": a.mlp, "act": a.act}, inputs=["norm2"], spans_from={"ratio": "mlp", "act": "act"}),
             SubNode(suffix="res2", op="add", attrs={}, inputs=["res1", "mlp"]),
         ]
+
+    def _with_layer_scale(self, a):
+        """x = x + ls1(attn(norm1(x))); x = x + ls2(mlp(norm2(x)))."""
+        subs = self.expand(a.model_copy(update={"ls": None}))
+        by = {s.suffix: s for s in subs}
+        ls = lambda name, src: SubNode(suffix=name, op="layer_scale", attrs={"init": a.ls}, inputs=[src], spans_from={"init": "ls"})  # noqa: E731
+        by["res1"] = by["res1"].model_copy(update={"inputs": ["<in>", "ls1"]})
+        by["res2"] = by["res2"].model_copy(update={"inputs": ["res1", "ls2"]})
+        return [by["norm1"], by["attn"], ls("ls1", "attn"), by["res1"], by["norm2"], by["mlp"], ls("ls2", "mlp"), by["res2"]]
