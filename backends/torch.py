@@ -31,17 +31,30 @@ class VitModel(nn.Module):
                 name, _, port = ref.partition("#")
                 refs.append((slot[name], (1 if port == "scores" else 0) if name in multi else -1))
             plan.append((n.name, n.op == "input", tuple(refs)))
+        # After each step, drop the values no later step reads (inference memory then
+        # follows the live set, not the sum of all activations).
+        last_use = {}
+        for step, (_, _, refs) in enumerate(plan):
+            for i, _ in refs:
+                last_use[i] = step
+        release = [[] for _ in plan]
+        for i, step in last_use.items():
+            if i != len(plan) - 1:
+                release[step].append(i)
         # Plain attributes (not registered twice): the modules in execution order.
-        self._steps = [(self.get_submodule(name), is_input, refs) for name, is_input, refs in plan]
+        self._steps = [(self.get_submodule(name), is_input, refs, tuple(release[k]))
+                       for k, (name, is_input, refs) in enumerate(plan)]
         self.__dict__["graph"] = graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values: list = []
-        for module, is_input, refs in self._steps:
+        for module, is_input, refs, release in self._steps:
             if is_input:
                 values.append(module(x))
             else:
                 values.append(module(*[values[i] if p < 0 else values[i][p] for i, p in refs]))
+            for i in release:
+                values[i] = None
         out = values[-1]
         return out[0] if isinstance(out, tuple) else out
 

@@ -16,6 +16,7 @@ Two codebases define it, and every difference is an attribute of this one op:
 | `norm_after`   | true: LayerNorm after the last layer     | false                               |
 | `fuse_order`   | input_first: cat((input, local))         | local_first: cat((local, input))    |
 
+The defaults are timm's, except `qkv_bias` (false, as for `transformer` and `attention`).
 Keys follow timm's MobileVitBlock: conv_kxk, conv_1x1, transformer.{j}.{norm1,attn,norm2,mlp},
 norm, conv_proj, conv_fusion.
 """
