@@ -39,7 +39,7 @@ from pydantic import Field, field_validator
 
 from ..types import Cost, TensorType
 from .attention import AttnKind, _partition, _reverse, relative_position_index
-from .base import Attrs, OpDef, SubNode, register_op
+from .base import Attrs, OpDef, SubNode, format_value, register_op
 from .conv import BN_EPS, conv_macs, conv_out_size, conv_params, init_conv, make_act, none_word
 
 Act = Literal["silu", "relu", "gelu", "none"]
@@ -49,6 +49,10 @@ Dilations = tuple[Annotated[int, Field(ge=1, le=1024)], ...]
 def _tuple(v: Any) -> Any:
     """`dilations=2` means the one-element tuple (2,)."""
     return (v,) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def _tuple_text(v: tuple) -> str:
+    return format_value(tuple(v))
 
 
 def _who(node) -> str:
@@ -181,12 +185,6 @@ class PrmOp(OpDef):
         a, t = node.attrs, ins[0]
         return init_conv(PRM(_feature_map(node, t)[0], a.out, a.kernel, a.stride, a.dilations, a.act, a.bias,
                              a.fuse, t.grid if t.kind == "tokens" else None))
-
-
-def _tuple_text(v: tuple) -> str:
-    from .base import format_value
-
-    return format_value(tuple(v))
 
 
 # ====================================================================== pcm
