@@ -14,8 +14,22 @@ from .syntax import parse
 
 
 def run_passes(g: Graph, max_params: int | None = DEFAULT_MAX_PARAMS) -> Graph:
-    """The standard pipeline after expansion: shapes -> validate -> cost -> budget."""
-    return check_budget(cost(validate(infer_shapes(g))), max_params)
+    """The standard pipeline after expansion: shapes -> validate -> cost -> budget -> bits."""
+    return assign_bit_widths(check_budget(cost(validate(infer_shapes(g))), max_params))
+
+
+def assign_bit_widths(g: Graph) -> Graph:
+    """Resolve the bits section (if any) into a width per quantizable layer."""
+    st = next((s for s in g.program if s.kind == "bits"), None)
+    if st is None:
+        g.bits = None
+        return g
+    from .quant.bits import assign_bits
+
+    spans = st.__dict__.get("_rule_spans") or [(st.span, st.span)] * len(st.attrs["rules"])
+    rules = [(sel, spec, a, b) for (sel, spec), (a, b) in zip(st.attrs["rules"], spans)]
+    g.bits = assign_bits(g, rules)
+    return g
 
 
 def loads(text: "str | bytes", filename: str = "<string>", *, model: str | None = None,

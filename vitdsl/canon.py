@@ -84,6 +84,10 @@ def stmt_lines(stmt, depth: int = 1) -> list[str]:
         for s in stmt.body:
             lines += stmt_lines(s, depth + 1)
         return lines + [pad + "}"]
+    if stmt.kind == "bits":
+        rules = canonical_rules(stmt.attrs["rules"])
+        width = max((len(sel) for sel, _ in rules), default=0)
+        return [f"{pad}bits {{"] + [f"{pad}{INDENT}{sel.ljust(width)}  {spec}" for sel, spec in rules] + [f"{pad}}}"]
     if stmt.kind == "shortcut":
         from .expand import ShortcutAttrs
 
@@ -104,8 +108,15 @@ def stmt_lines(stmt, depth: int = 1) -> list[str]:
     return [pad + text]
 
 
+def canonical_rules(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`default` first, then from least to most specific (the order precedence applies)."""
+    from .quant.bits import specificity
+
+    return sorted(rules, key=lambda r: (r[0] != "default", specificity(r[0]) if r[0] != "default" else (), r[0]))
+
+
 def program_text(name: str, program: list) -> str:
     lines = [f"model {name} {{"]
-    for s in program:
+    for s in sorted(program, key=lambda s: s.kind == "bits"):  # the bits section last
         lines += stmt_lines(s)
     return "\n".join(lines + ["}"]) + "\n"

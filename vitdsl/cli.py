@@ -27,14 +27,33 @@ def cmd_check(args) -> int:
     from .table import human, render
 
     g = _load(args)
+    bits_col = g.bits is not None
+    per_node: dict[str, list[str]] = {}
+    if bits_col:
+        from .quant.bits import summary
+
+        info = summary(g)
+        for q in info["layers"]:
+            per_node.setdefault(q.node, [])
+            spec = str(g.bits[q.name])
+            if spec not in per_node[q.node]:
+                per_node[q.node].append(spec)
     rows = []
     for r in g.summary():
-        rows.append([r["name"], r["op"], r["shape"], f"{r['params']:,}" if r["params"] else "-", human(r["macs"]) if r["macs"] else "-"])
+        row = [r["name"], r["op"], r["shape"], f"{r['params']:,}" if r["params"] else "-", human(r["macs"]) if r["macs"] else "-"]
+        if bits_col:
+            row.append("/".join(per_node.get(r["name"], [])) or "-")
+        rows.append(row)
     t = g.total()
-    footer = [["total", f"{len(g)} nodes", f"in {g.input.out}", f"{t.params:,}", human(t.macs)]]
+    footer = [["total", f"{len(g)} nodes", f"in {g.input.out}", f"{t.params:,}", human(t.macs)] + ([""] if bits_col else [])]
+    headers = ["name", "op", "output", "params", "MACs"] + (["bits"] if bits_col else [])
     print(f"{g.name}  ({args.spec})")
-    print(render(["name", "op", "output", "params", "MACs"], rows, right={3, 4}, footer=footer))
+    print(render(headers, rows, right={3, 4}, footer=footer))
     print(f"params {t.params:,} ({human(t.params)})  MACs {human(t.macs)}  activations {human(t.act_bytes, 'B')} per image (fp32)")
+    if bits_col:
+        print(f"bits: weights {info['avg_weight_bits']:.2f} average (by parameters), activations "
+              f"{info['avg_act_bits']:.2f} average (by elements per image); model size {info['size_bytes']:,} bytes "
+              f"({human(info['size_bytes'], 'B')}; fp32: {human(4 * t.params, 'B')})")
     return 0
 
 

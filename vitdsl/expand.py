@@ -147,12 +147,25 @@ def _resolve_body(body: list[A.Stmt], env: dict[str, Any], stage: str | None) ->
                 raise SpecError(f"stage '{s.name}' is empty", s.span)
             out.append(st)
         elif isinstance(s, A.BitsBlock):
-            raise SpecError("'bits' sections are parsed but not implemented yet (per-layer bit widths land with the quantization work)", s.span)
+            if stage is not None:
+                raise SpecError("a bits section belongs at model level, not inside a stage", s.span)
+            if any(st.kind == "bits" for st in out):
+                raise SpecError("a model has one bits section", s.span)
+            st = Stmt(kind="bits", name="bits", attrs={"rules": [(r.selector, r.spec) for r in s.rules]}, span=s.span)
+            st.__dict__["_rule_spans"] = [(r.span, _spec_span(r)) for r in s.rules]
+            out.append(st)
         elif isinstance(s, A.ShortcutStmt):
             if stage is not None:
                 raise SpecError("a shortcut belongs at model level, not inside a stage", s.span)
             out.append(_resolve_shortcut(s, env))
     return out
+
+
+def _spec_span(r: A.BitsRule) -> Span:
+    """The span of the width word (`w4a8`) in a bits rule: the end of the rule."""
+    end = r.span.end_column or (r.span.column + len(r.selector) + 1 + len(r.spec))
+    return Span(line=r.span.end_line or r.span.line, column=end - len(r.spec), end_line=r.span.end_line,
+                end_column=end, file=r.span.file)
 
 
 class ShortcutAttrs(BaseModel):
@@ -301,6 +314,8 @@ def build_graph(name: str, program: list[Stmt], filename: str = "<string>", sour
         g.add_node(node)
 
     for st in program:
+        if st.kind == "bits":
+            continue
         if st.kind == "shortcut":
             if st.name in g or st.name in g.aliases:
                 raise SpecError(f"duplicate name '{st.name}'", st.span)

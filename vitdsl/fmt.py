@@ -97,8 +97,11 @@ class _Printer:
         elif isinstance(s, A.BitsBlock):
             self.emit("bits {", s.span.line, depth)
             width = max((len(r.selector) for r in s.rules), default=0)
-            for r in s.rules:
-                self.emit(f"{r.selector.ljust(width)}  {r.spec}", r.span.line, depth + 1)
+            for r, lead, trail in self._bits_rules(s):
+                for c in lead:
+                    self.lines.append(INDENT * (depth + 1) + c.text)
+                self.lines.append(INDENT * (depth + 1) + f"{r.selector.ljust(width)}  {r.spec}" + trail)
+                self.last_line = r.span.line
             self._flush_comments(s.span.end_line or s.span.line, depth + 1)
             self.lines.append(INDENT * depth + "}")
             self.last_line = s.span.end_line or s.span.line
@@ -108,6 +111,23 @@ class _Printer:
             if s.into is not None:
                 text += f" into {s.into.dotted}"
             self.emit(text, s.span.line, depth)
+
+    def _bits_rules(self, s: A.BitsBlock):
+        """Rules in canonical order (default first, then by rising precedence), each
+        with the comments written above it and beside it."""
+        from .canon import canonical_rules
+
+        prev = s.span.line
+        entries = []
+        for r in s.rules:
+            lead = [c for c in self.comments if c.own_line and prev < c.line < r.span.line]
+            for c in lead:
+                self.comments.remove(c)
+            entries.append((r, lead, self._trailing(r.span.line)))
+            prev = r.span.line
+        order = canonical_rules([(r.selector, r.spec) for r in s.rules])
+        rank = {sel: i for i, (sel, _) in enumerate(order)}
+        return sorted(entries, key=lambda e: rank[e[0].selector])
 
     def item(self, it) -> None:
         if isinstance(it, A.ImportStmt):

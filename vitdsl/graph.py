@@ -75,6 +75,7 @@ class Graph:
         self.order: list[str] = []
         self.aliases: dict[str, str] = {}  # stage/block name -> its output node
         self.max_params: int | None = None
+        self.bits: dict | None = None  # layer name -> BitSpec, from the bits section
 
     # -- construction --------------------------------------------------------
     def add_node(self, node: Node) -> None:
@@ -122,7 +123,8 @@ class Graph:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Graph):
             return NotImplemented
-        return self.name == other.name and [n.key() for n in self] == [n.key() for n in other]
+        return (self.name == other.name and [n.key() for n in self] == [n.key() for n in other]
+                and self.bits == other.bits)
 
     def __repr__(self) -> str:
         t = self.total()
