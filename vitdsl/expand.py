@@ -263,12 +263,17 @@ def _resolve_op(s: A.OpStmt, env: dict[str, Any], stage: str | None) -> Stmt:
 
 
 # ------------------------------------------------------------------ nodes
+def _node(**fields: Any) -> Node:
+    """A Node from trusted values (validated attrs, spans from the parser): no re-validation."""
+    return Node.model_construct(inputs=[], input_spans=[], out=None, scores=None, cost=None, **fields)
+
+
 def build_graph(name: str, program: list[Stmt], filename: str = "<string>", source: str | None = None) -> Graph:
     """Turn resolved statements into nodes and edges (not yet shape-checked)."""
     g = Graph(name, program, filename, source)
     prev: list[str | None] = [None]
-    pending: list[tuple[Node, list[str] | None, Span | None]] = []
     count = [0]
+    expanded: dict[int, list] = {}
 
     def emit(st: Stmt, node_name: str, stage: str | None, index: int = 0) -> None:
         op = REGISTRY[st.op]
@@ -277,23 +282,27 @@ def build_graph(name: str, program: list[Stmt], filename: str = "<string>", sour
             raise SpecError(f"duplicate name '{node_name}'; give this statement another label (`other_name: {st.op} ...`)", st.span)
         explicit = st.inputs
         if op.composite:
-            subs = op.expand(st.attrs)
+            if id(st) not in expanded:  # a stage repeats one statement: expand and check it once
+                subs = op.expand(st.attrs)
+                checked = []
+                for sub in subs:
+                    sub_spans = {k: spans[src] for k, src in sub.spans_from.items() if src in spans}
+                    checked.append((sub, sub_spans, validate_attrs(get_op(sub.op), sub.attrs, sub_spans, st.span)))
+                expanded[id(st)] = checked
             local: dict[str, str] = {}
-            for sub in subs:
+            subs = [c[0] for c in expanded[id(st)]]
+            for sub, sub_spans, attrs in expanded[id(st)]:
                 full = f"{node_name}.{sub.suffix}"
-                sub_op = get_op(sub.op)
-                sub_spans = {k: spans[src] for k, src in sub.spans_from.items() if src in spans}
-                attrs = validate_attrs(sub_op, sub.attrs, sub_spans, st.span)
                 ins = [local[i] if i != "<in>" else "<in>" for i in sub.inputs]
-                node = Node(name=full, op=sub.op, attrs=attrs, block=node_name, stage=stage, span=st.span,
-                            attr_spans=sub_spans, index=index)
+                node = _node(name=full, op=sub.op, attrs=attrs, block=node_name, stage=stage, span=st.span,
+                             attr_spans=sub_spans, index=index)
                 _add(node, ins, explicit, st)
                 local[sub.suffix] = full
             g.aliases[node_name] = local[subs[-1].suffix]
             prev[0] = g.aliases[node_name]
         else:
-            node = Node(name=node_name, op=op.kind, attrs=st.attrs, block=node_name, stage=stage, span=st.span,
-                        attr_spans=spans, index=index)
+            node = _node(name=node_name, op=op.kind, attrs=st.attrs, block=node_name, stage=stage, span=st.span,
+                         attr_spans=spans, index=index)
             _add(node, ["<in>"] if op.inputs[1] != 0 else [], explicit, st)
             prev[0] = node_name
 
@@ -416,17 +425,18 @@ def _wire(g: Graph) -> None:
             raise SpecError(f"{n.op} takes {want} input(s), got {len(resolved)}", n.input_spans[0] if n.input_spans else n.span)
         for slot, src in enumerate(resolved):
             g.nx.add_edge(src, n.name, slot=slot)
-    try:
+    index = {name: i for i, name in enumerate(g.order)}
+    try:  # a topological order exists exactly when there is no cycle; find one only on failure
+        g.order = list(nx.lexicographical_topological_sort(g.nx, key=lambda n: index[n]))
+        return
+    except nx.NetworkXUnfeasible:
         cycle = nx.find_cycle(g.nx)
-    except nx.NetworkXNoCycle:
-        cycle = None
     if cycle:
         names = [u for u, _ in cycle] + [cycle[0][0]]
         # Point at the explicit reference that closes the loop.
         culprit = next((g.node(v) for u, v in cycle if g.node(v).input_spans and g.node(v).input_spans[0] != g.node(v).span), g.node(cycle[0][1]))
         raise SpecError(f"cycle in data flow: {' -> '.join(names)}", culprit.input_spans[0] if culprit.input_spans else culprit.span)
-    index = {name: i for i, name in enumerate(g.order)}
-    g.order = list(nx.lexicographical_topological_sort(g.nx, key=lambda n: index[n]))
+
 
 
 def _data_preds(g: Graph, name: str) -> list[str]:

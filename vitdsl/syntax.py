@@ -74,7 +74,7 @@ _FILE: list[str | None] = [None]  # the file being transformed (single-threaded 
 
 
 def _span(meta_or_tok) -> Span:
-    return Span(
+    return Span.model_construct(  # trusted values: skip validation, it is the hot path
         file=_FILE[0],
         line=getattr(meta_or_tok, "line", 1) or 1,
         column=getattr(meta_or_tok, "column", 1) or 1,
@@ -89,56 +89,56 @@ class _ToAst(Transformer):
 
     # expressions -----------------------------------------------------------
     def int(self, meta, c):
-        return A.Num(value=int(c[0]), text=str(c[0]), span=_span(meta))
+        return A.Num.model_construct(value=int(c[0]), text=str(c[0]), span=_span(meta))
 
     def float(self, meta, c):
-        return A.Num(value=float(c[0]), text=str(c[0]), span=_span(meta))
+        return A.Num.model_construct(value=float(c[0]), text=str(c[0]), span=_span(meta))
 
     def size(self, meta, c):
-        return A.Size(dims=tuple(int(p) for p in str(c[0]).split("x")), span=_span(meta))
+        return A.Size.model_construct(dims=tuple(int(p) for p in str(c[0]).split("x")), span=_span(meta))
 
     def string(self, meta, c):
-        return A.Str(value=str(c[0])[1:-1], span=_span(meta))
+        return A.Str.model_construct(value=str(c[0])[1:-1], span=_span(meta))
 
     def ref(self, meta, c):
-        return A.Ref(parts=tuple(str(c[0]).split(".")), span=_span(meta))
+        return A.Ref.model_construct(parts=tuple(str(c[0]).split(".")), span=_span(meta))
 
     def _bin(op):  # noqa: N805 - tiny factory for the four operators
         def rule(self, meta, c):
-            return A.BinOp(op=op, left=c[0], right=c[1], span=_span(meta))
+            return A.BinOp.model_construct(op=op, left=c[0], right=c[1], span=_span(meta))
 
         return rule
 
     add, sub, mul, div, floordiv = _bin("+"), _bin("-"), _bin("*"), _bin("/"), _bin("//")
 
     def neg(self, meta, c):
-        return A.Neg(operand=c[0], span=_span(meta))
+        return A.Neg.model_construct(operand=c[0], span=_span(meta))
 
     def tuple(self, meta, c):
-        return A.TupleExpr(items=[x for x in c if x is not None], span=_span(meta))
+        return A.TupleExpr.model_construct(items=[x for x in c if x is not None], span=_span(meta))
 
     def call(self, meta, c):
-        return A.Call(name=str(c[0]), args=[x for x in c[1:] if x is not None], span=_span(meta))
+        return A.Call.model_construct(name=str(c[0]), args=[x for x in c[1:] if x is not None], span=_span(meta))
 
     def kwarg(self, meta, c):
-        return A.Arg(key=str(c[0]), value=c[1], span=_span(meta))
+        return A.Arg.model_construct(key=str(c[0]), value=c[1], span=_span(meta))
 
     def posarg(self, meta, c):
-        return A.Arg(key=None, value=c[0], span=_span(meta))
+        return A.Arg.model_construct(key=None, value=c[0], span=_span(meta))
 
     # statements ------------------------------------------------------------
     def let_stmt(self, meta, c):
-        return A.LetStmt(name=str(c[0]), value=c[1], span=_span(meta))
+        return A.LetStmt.model_construct(name=str(c[0]), value=c[1], span=_span(meta))
 
     def op_stmt(self, meta, c):
         names = [x for x in c if isinstance(x, Token)]
         args = [x for x in c if isinstance(x, A.Arg)]
         label = str(names[0]) if len(names) == 2 else None
         op_tok = names[-1]
-        return A.OpStmt(label=label, op=str(op_tok), op_span=_span(op_tok), args=args, span=_span(meta))
+        return A.OpStmt.model_construct(label=label, op=str(op_tok), op_span=_span(op_tok), args=args, span=_span(meta))
 
     def stage_stmt(self, meta, c):
-        return A.StageStmt(
+        return A.StageStmt.model_construct(
             name=str(c[0]),
             args=[x for x in c[1:] if isinstance(x, A.Arg)],
             body=next((x for x in c if isinstance(x, list)), []),
@@ -149,26 +149,26 @@ class _ToAst(Transformer):
         return list(c)
 
     def bits_rule(self, meta, c):
-        return A.BitsRule(selector=str(c[0]), spec=str(c[1]), span=_span(meta))
+        return A.BitsRule.model_construct(selector=str(c[0]), spec=str(c[1]), span=_span(meta))
 
     def bits_block(self, meta, c):
-        return A.BitsBlock(rules=list(c), span=_span(meta))
+        return A.BitsBlock.model_construct(rules=list(c), span=_span(meta))
 
     def tap(self, meta, c):
-        return A.Tap(ref=c[0], width=c[1], span=_span(meta))
+        return A.Tap.model_construct(ref=c[0], width=c[1], span=_span(meta))
 
     def shortcut_stmt(self, meta, c):
         taps = [x for x in c if isinstance(x, A.Tap)]
         args = [x for x in c if isinstance(x, A.Arg)]
         refs = [x for x in c if isinstance(x, A.Ref)]
-        return A.ShortcutStmt(name=str(c[0]), taps=taps, args=args, into=refs[0] if refs else None, span=_span(meta))
+        return A.ShortcutStmt.model_construct(name=str(c[0]), taps=taps, args=args, into=refs[0] if refs else None, span=_span(meta))
 
     def extends(self, meta, c):
         return ("extends", str(c[0]), _span(c[0]))
 
     def model_def(self, meta, c):
         ext = next((x for x in c if isinstance(x, tuple)), None)
-        return A.ModelDef(
+        return A.ModelDef.model_construct(
             name=str(c[1]),
             template=str(c[0]) == "template",
             extends=ext[1] if ext else None,
@@ -178,7 +178,7 @@ class _ToAst(Transformer):
         )
 
     def import_stmt(self, meta, c):
-        return A.ImportStmt(path=str(c[0])[1:-1], span=_span(meta))
+        return A.ImportStmt.model_construct(path=str(c[0])[1:-1], span=_span(meta))
 
     def start(self, meta, c):
         return list(c)
