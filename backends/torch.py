@@ -26,6 +26,11 @@ class VitModel(nn.Module):
             ins = [graph.value_type(i) for i in n.inputs]
             module = REGISTRY[n.op].build_torch(n, ins, n.out)
             _place(self, n.name, module)
+        if graph.bits:  # per-layer bit widths: fake-quantized layers (vitdsl.quant.fake)
+            from vitdsl.quant.fake import apply_bits
+
+            apply_bits(self, graph.bits)
+        for n in graph.nodes():
             refs = []
             for ref in n.inputs:  # (producer slot, output port); port -1: a single output
                 name, _, port = ref.partition("#")

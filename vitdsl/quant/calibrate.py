@@ -1,0 +1,98 @@
+"""Calibration: choose every quantizer's range from data (post-training quantization).
+
+    vitdsl.quant.calibrate(model, data, method="minmax" | "percentile")
+
+Weights: per output channel, from the weights themselves (the largest magnitude).
+Layer inputs: per tensor, from the calibration data:
+  - minmax: the smallest and largest value seen (the baseline);
+  - percentile: the p-th and (100-p)-th percentiles of the values seen (p=99.99 by
+    default), which clips rare outliers.
+`mptq` (MPTQ-ViT's SQ-b + OPT-m + greedy mixed precision) is not implemented yet.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .fake import FakeQuant, QuantConv2d, QuantLinear
+
+METHODS = ("minmax", "percentile")
+_SAMPLE = 100_000  # values kept per batch and layer for percentiles (a uniform random subset)
+
+
+def _batches(data) -> Iterable[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        yield data
+        return
+    for b in data:
+        yield b[0] if isinstance(b, (tuple, list)) else b
+
+
+def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float = 99.99, progress=None) -> nn.Module:
+    """Set the scales of every fake-quantized layer of `model` from `data` (a tensor of
+    images, or an iterable of batches).  Returns the model, in eval mode."""
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method '{method}'; available: {', '.join(METHODS)} (mptq: not implemented yet)")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    if not layers:
+        raise ValueError("the model has no quantized layers: give its spec a bits section")
+    model.eval()
+    with torch.no_grad():
+        for _, m in layers:  # weights: symmetric per output channel, largest magnitude
+            w = m.weight.flatten(1)
+            m.weight_quant.set_range(w.min(dim=1).values, w.max(dim=1).values)
+    stats: dict[str, list] = {n: [] for n, _ in layers}
+    gen = torch.Generator().manual_seed(0)
+
+    def observe(name):
+        def pre_hook(mod, args):
+            x = args[0]
+            if getattr(mod, "pool", None) is not None:
+                from ..ops.io import _pool
+
+                x = _pool(x, mod.pool, mod.prefix)
+            x = x.detach().float().flatten()
+            if method == "minmax":
+                stats[name].append((x.min(), x.max()))
+            else:
+                if x.numel() > _SAMPLE:
+                    x = x[torch.randint(0, x.numel(), (_SAMPLE,), generator=gen)]
+                stats[name].append(x)
+        return pre_hook
+
+    hooks = [m.register_forward_pre_hook(observe(n)) for n, m in layers]
+    for _, m in layers:
+        m.input_quant.bypass = True
+    seen = 0
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(_batches(data)):
+                if batch.dim() != 4:
+                    raise ValueError(f"calibration batches are images (B, C, H, W); got shape {tuple(batch.shape)}")
+                graph = getattr(model, "graph", None)
+                if graph is not None and tuple(batch.shape[1:]) != tuple(graph.input.out.shape):
+                    raise ValueError(f"calibration images are {'x'.join(map(str, batch.shape[1:]))}, "
+                                     f"the model's input is {graph.input.out}")
+                model(batch)
+                seen += batch.shape[0]
+                if progress:
+                    progress(i + 1)
+    finally:
+        for h in hooks:
+            h.remove()
+        for _, m in layers:
+            m.input_quant.bypass = False
+    if seen == 0:
+        raise ValueError("the calibration set is empty")
+    for name, m in layers:
+        if method == "minmax":
+            lo = torch.stack([s[0] for s in stats[name]]).min()
+            hi = torch.stack([s[1] for s in stats[name]]).max()
+        else:
+            v = torch.cat(stats[name])
+            lo = torch.quantile(v, 1 - percentile / 100)
+            hi = torch.quantile(v, percentile / 100)
+        m.input_quant.set_range(lo.reshape(1), hi.reshape(1))
+    return model
