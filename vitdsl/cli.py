@@ -156,6 +156,34 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    """Calibrate a float model and write a quantized spec, weights and a report."""
+    from safetensors.torch import load_file
+
+    from .quant.quantize import load_images, quantize, write_outputs
+    from .table import render
+
+    g = _load(args)
+    try:
+        state = load_file(args.weights)
+    except Exception as e:  # noqa: BLE001 - unreadable weights are a user error
+        raise SpecError(f"cannot read weights: {e}", filename=args.weights) from None
+    images = load_images(args.calib)
+    show = not args.quiet and sys.stderr.isatty()
+
+    def progress(msg: str) -> None:
+        if show:
+            print(f"\r\033[K{msg}", end="" if not msg.startswith("calibrating") else "\n", file=sys.stderr, flush=True)
+
+    qgraph, qmodel, report = quantize(g, state, images, bits=args.bits, budget=args.budget, method=args.method,
+                                      progress=progress)
+    files = write_outputs(args.output, qgraph, qmodel, report)
+    rows = [[r["layer"], r["bits"], f"{r['output_mse']:.3g}"] for r in report]
+    print(render(["layer", "bits", "output MSE (last: KL of logits)"], rows, right={2}))
+    print(f"wrote {args.output}/: {', '.join(files)}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -185,6 +213,19 @@ def make_parser() -> argparse.ArgumentParser:
     _spec_arg(gr)
     gr.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.svg or FILE.dot")
     gr.set_defaults(func=cmd_graph)
+    q = sub.add_parser("quantize", help="calibrate and write a quantized spec", description=cmd_quantize.__doc__)
+    _spec_arg(q)
+    q.add_argument("--weights", required=True, metavar="FILE", help="float weights (safetensors)")
+    q.add_argument("--calib", required=True, metavar="DATA",
+                   help="calibration images: a .safetensors/.pt tensor (N, C, H, W), or digits[:N]")
+    group = q.add_mutually_exclusive_group(required=True)
+    group.add_argument("--bits", metavar="wNaM", help="one width for every layer, e.g. w4a8")
+    group.add_argument("--budget", type=float, metavar="B", help="average width for the mixed-precision search, e.g. 5.0")
+    q.add_argument("--method", default="mptq", choices=["minmax", "percentile", "mptq"], help="calibration (default: mptq)")
+    q.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    q.set_defaults(func=cmd_quantize)
+
     im = sub.add_parser("import", help="write a spec for a timm model", description=cmd_import.__doc__)
     im.add_argument("source", metavar="timm:NAME", help="e.g. timm:vit_small_patch16_224, timm:swin_tiny_patch4_window7_224")
     im.add_argument("-o", "--output", required=True, metavar="SPEC", help="the .vit file to write")
@@ -205,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:
         print(f"{getattr(e, 'filename', '') or 'vitdsl'}: error: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # calibration and search inputs (empty set, wrong shapes, budgets)
+        print(f"vitdsl: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -92,9 +92,16 @@ def quant_layers(graph) -> list[QLayer]:
     size with a forward hook."""
     from ..api import compile
 
-    with torch.device("meta"):
-        model = compile(graph, seed=None).eval()
-        x = torch.empty(1, *graph.input.out.shape)
+    cached = graph.__dict__.get("_quant_layers")
+    if cached is not None:
+        return cached
+    saved, graph.bits = graph.bits, None  # the float model: layers are the same, without quantizers
+    try:
+        with torch.device("meta"):
+            model = compile(graph, seed=None).eval()
+            x = torch.empty(1, *graph.input.out.shape)
+    finally:
+        graph.bits = saved
     owners = sorted(graph.order, key=len, reverse=True)
     seen: dict[str, int] = {}
     hooks = []
@@ -111,6 +118,7 @@ def quant_layers(graph) -> list[QLayer]:
             node = next((n for n in owners if name == n or name.startswith(n + ".")), name)
             layers.append(QLayer(name=name, node=node, kind="linear" if isinstance(m, nn.Linear) else "conv",
                                  weights=m.weight.numel(), act_elems=seen.get(name, 0)))
+    graph.__dict__["_quant_layers"] = layers
     return layers
 
 

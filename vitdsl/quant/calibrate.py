@@ -7,7 +7,10 @@ Layer inputs: per tensor, from the calibration data:
   - minmax: the smallest and largest value seen (the baseline);
   - percentile: the p-th and (100-p)-th percentiles of the values seen (p=99.99 by
     default), which clips rare outliers.
-`mptq` (MPTQ-ViT's SQ-b + OPT-m + greedy mixed precision) is not implemented yet.
+  - mptq: MPTQ-ViT (vitdsl.quant.mptq): SQ-b folded into LayerNorm + next linear, a
+    twin-range quantizer (OPT-m) on post-GELU inputs, and every other input range
+    chosen by the error of the layer's output.  Mixed precision is a separate search
+    (vitdsl.quant.mixed), run by `vitdsl quantize --budget`.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch.nn as nn
 
 from .fake import FakeQuant, QuantConv2d, QuantLinear
 
-METHODS = ("minmax", "percentile")
+METHODS = ("minmax", "percentile", "mptq")
 _SAMPLE = 100_000  # values kept per batch and layer for percentiles (a uniform random subset)
 
 
@@ -34,10 +37,12 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
     """Set the scales of every fake-quantized layer of `model` from `data` (a tensor of
     images, or an iterable of batches).  Returns the model, in eval mode."""
     if method not in METHODS:
-        raise ValueError(f"unknown calibration method '{method}'; available: {', '.join(METHODS)} (mptq: not implemented yet)")
+        raise ValueError(f"unknown calibration method '{method}'; available: {', '.join(METHODS)}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
     if not layers:
         raise ValueError("the model has no quantized layers: give its spec a bits section")
+    if method == "mptq":
+        return _mptq(model, _stack(data), layers, progress)
     model.eval()
     with torch.no_grad():
         for _, m in layers:  # weights: symmetric per output channel, largest magnitude
@@ -96,3 +101,33 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
             hi = torch.quantile(v, percentile / 100)
         m.input_quant.set_range(lo.reshape(1), hi.reshape(1))
     return model
+
+
+def _stack(data) -> torch.Tensor:
+    batches = list(_batches(data))
+    if not batches:
+        raise ValueError("the calibration set is empty")
+    x = torch.cat(batches)
+    if x.dim() != 4:
+        raise ValueError(f"calibration batches are images (B, C, H, W); got shape {tuple(x.shape)}")
+    return x
+
+
+def _mptq(model: nn.Module, data: torch.Tensor, layers, progress) -> nn.Module:
+    from .mptq import LayerCalibrator
+    from .sqb import fold_sqb
+
+    graph = getattr(model, "graph", None)
+    if graph is not None and tuple(data.shape[1:]) != tuple(graph.input.out.shape):
+        raise ValueError(f"calibration images are {'x'.join(map(str, data.shape[1:]))}, the model's input is {graph.input.out}")
+    quantizers = [q for _, m in layers for q in (m.input_quant, m.weight_quant)]
+    for q in quantizers:
+        q.bypass = True
+    try:
+        if graph is not None:
+            fold_sqb(model, data)  # SQ-b first: it changes the weights the ranges are chosen for
+    finally:
+        for q in quantizers:
+            q.bypass = False
+    LayerCalibrator(model, data).calibrate_all(progress=(lambda i, n: progress(i)) if progress else None)
+    return model.eval()

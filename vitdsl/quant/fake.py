@@ -35,6 +35,9 @@ class FakeQuant(nn.Module):
         self.register_buffer("scale", torch.ones(channels))
         self.register_buffer("zero_point", torch.zeros(channels))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
+        # Twin-range mode (MPTQ-ViT §3.2, OPT-m): when > 0, negatives use this step and
+        # positives use `scale` = 2^m * neg_scale, each on its half of a signed grid.
+        self.register_buffer("neg_scale", torch.zeros(1))
         self.bypass = False  # calibration observes float inputs
 
     def extra_repr(self) -> str:
@@ -54,13 +57,29 @@ class FakeQuant(nn.Module):
             scale = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(1e-12)
             self.scale.copy_(scale)
             self.zero_point.copy_((self.qmin - lo / scale).round().clamp(self.qmin, self.qmax))
+        self.neg_scale.zero_()
         self.calibrated.fill_(True)
+
+    def set_twin(self, pos_scale: float, m: int) -> None:
+        """Twin-range quantizer for post-GELU inputs: Δ+ = pos_scale, Δ- = Δ+ / 2^m."""
+        self.scale.fill_(pos_scale)
+        self.zero_point.zero_()
+        self.neg_scale.fill_(pos_scale / 2**m)
+        self.calibrated.fill_(True)
+
+    def twin(self, x: torch.Tensor) -> torch.Tensor:
+        half = 2 ** (self.bits - 1)
+        neg = torch.clamp(round_ste(x / self.neg_scale), -half, 0) * self.neg_scale
+        pos = torch.clamp(round_ste(x / self.scale), 0, half - 1) * self.scale
+        return torch.where(x < 0, neg, pos)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
             return x
         if not bool(self.calibrated):
             raise RuntimeError("this model has quantized layers without ranges: run vitdsl.quant.calibrate(model, data) first")
+        if bool(self.neg_scale > 0):
+            return self.twin(x)
         s, z = self._view(self.scale, x), self._view(self.zero_point, x)
         q = torch.clamp(round_ste(x / s) + z, self.qmin, self.qmax)
         return (q - z) * s

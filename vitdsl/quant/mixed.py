@@ -1,0 +1,92 @@
+"""Greedy mixed precision (MPTQ-ViT §3.3): start every layer at the widest candidate,
+then repeatedly narrow the layer (its weights or its inputs) whose step costs the
+least calibration loss per byte saved, until the average widths meet the budget.
+
+Loss: KL of the quantized model's logits against the FP32 logits on the calibration
+images.  Budget: an average bit width, weighted by parameter count for weights and by
+input elements per image for activations; both averages must reach it.  A step's cost
+is measured from the current configuration, one layer at a time; a layer's entries
+are re-measured after it changes (the others are kept, an approximation that keeps the
+search to O(layers x steps) forward passes).  Deterministic: ties go to the earlier
+layer, weights before inputs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .mptq import LayerCalibrator, kl_to_reference, restore, set_bits, snapshot
+
+CANDIDATES = (4, 5, 6, 8)
+
+
+def averages(state: dict[str, list[int]], sizes: dict[str, tuple[int, int]]) -> tuple[float, float]:
+    wsum = sum(w for w, _ in sizes.values()) or 1
+    asum = sum(a for _, a in sizes.values()) or 1
+    avg_w = sum(state[n][0] * sizes[n][0] for n in state) / wsum
+    avg_a = sum(state[n][1] * sizes[n][1] for n in state) / asum
+    return avg_w, avg_a
+
+
+def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: torch.Tensor, budget: float,
+                           sizes: dict[str, tuple[int, int]], candidates: tuple[int, ...] = CANDIDATES,
+                           progress: Callable[[str], None] | None = None) -> dict[str, tuple[int, int]]:
+    """sizes: layer -> (weight count, input elements per image).  Returns layer -> (wbits, abits)."""
+    cands = sorted(candidates)
+    if budget < cands[0]:
+        raise ValueError(f"budget {budget} is below the smallest candidate width {cands[0]}")
+    cal = LayerCalibrator(model, data)
+    names = [n for n in cal.layers if n in sizes]
+    state = {n: [cands[-1], cands[-1]] for n in names}
+    for n in names:
+        set_bits(cal.layers[n], cands[-1], cands[-1])
+        cal.calibrate(n)
+    loss = kl_to_reference(model, data, ref_logits)
+    cost: dict[tuple[str, int], tuple[float, float]] = {}
+
+    def apply(n: str) -> None:
+        set_bits(cal.layers[n], state[n][0], state[n][1])
+        cal.calibrate(n)
+
+    def measure(n: str, k: int) -> tuple[float, float]:
+        old = state[n][k]
+        new = cands[cands.index(old) - 1]
+        snap = snapshot(cal.layers[n])
+        state[n][k] = new
+        apply(n)
+        trial = kl_to_reference(model, data, ref_logits)
+        state[n][k] = old
+        restore(cal.layers[n], snap)
+        saved = sizes[n][k] * (old - new) / 8  # bytes per image (inputs) or in the model (weights)
+        return trial - loss, saved
+
+    while True:
+        avg_w, avg_a = averages(state, sizes)
+        over = [k for k, avg in ((0, avg_w), (1, avg_a)) if avg > budget + 1e-9]
+        if not over:
+            break
+        best = None
+        for n in names:
+            for k in over:
+                if state[n][k] == cands[0] or sizes[n][k] == 0:
+                    continue
+                if (n, k) not in cost:
+                    cost[(n, k)] = measure(n, k)
+                dloss, saved = cost[(n, k)]
+                score = dloss / saved
+                if best is None or score < best[0]:
+                    best = (score, n, k)
+        if best is None:  # cannot narrow further
+            break
+        _, n, k = best
+        state[n][k] = cands[cands.index(state[n][k]) - 1]
+        apply(n)
+        loss = kl_to_reference(model, data, ref_logits)
+        cost.pop((n, 0), None)
+        cost.pop((n, 1), None)
+        if progress:
+            avg_w, avg_a = averages(state, sizes)
+            progress(f"{n} {'w' if k == 0 else 'a'}{state[n][k]}  avg w{avg_w:.2f} a{avg_a:.2f}  KL {loss:.4g}")
+    return {n: (state[n][0], state[n][1]) for n in names}

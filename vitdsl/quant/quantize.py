@@ -1,0 +1,151 @@
+"""`vitdsl quantize`: a float spec + weights + calibration images -> a quantized spec
+(its bits section filled), weights with quantization parameters, and a report."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SpecError
+from ..graph import Graph, Stmt
+
+REPORT_FIELDS = ("layer", "bits", "output_mse")
+
+
+def load_images(path: str) -> torch.Tensor:
+    """Calibration images from a .safetensors (first tensor, or 'images') or .pt tensor file
+    (N, C, H, W); `digits` or `digits:N` uses scikit-learn's digits via vitdsl.train."""
+    if path == "digits" or path.startswith("digits:"):
+        try:
+            from ..train import calibration_images
+        except ImportError as e:
+            raise SpecError(f"digits calibration needs the training extras: {e}") from None
+        n = int(path.split(":", 1)[1]) if ":" in path else 32
+        return calibration_images(n)
+    if not os.path.exists(path):
+        raise SpecError("calibration data not found", filename=path)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            d = load_file(path)
+            x = d.get("images", next(iter(d.values()), None))
+        else:
+            x = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
+        raise SpecError(f"cannot read calibration data: {e}", filename=path) from None
+    if not isinstance(x, torch.Tensor):
+        raise SpecError("calibration data must hold one tensor of images (N, C, H, W)", filename=path)
+    return x.float()
+
+
+def with_bits(graph: Graph, rules: list[tuple[str, str]]) -> Graph:
+    """The same model with a new bits section."""
+    from ..api import run_passes
+    from ..expand import build_graph
+
+    program = [s for s in graph.program if s.kind != "bits"]
+    program.append(Stmt(kind="bits", name="bits", attrs={"rules": rules}))
+    return run_passes(build_graph(graph.name, program, graph.filename, graph.source), graph.max_params)
+
+
+def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | None = None, budget: float | None = None,
+             method: str = "mptq", candidates: tuple[int, ...] = (4, 5, 6, 8),
+             progress: Callable[[str], None] = lambda s: None) -> tuple[Graph, torch.nn.Module, list[dict]]:
+    from ..api import compile
+    from .bits import BitSpec, quant_layers
+    from .calibrate import calibrate
+    from .mixed import greedy_mixed_precision
+
+    if (bits is None) == (budget is None):
+        raise SpecError("give exactly one of --bits (e.g. w4a8) or --budget (an average width, e.g. 5.0)")
+    if images.dim() != 4 or tuple(images.shape[1:]) != tuple(graph.input.out.shape):
+        raise SpecError(f"calibration images have shape {tuple(images.shape)}; the model takes (N, {', '.join(map(str, graph.input.out.shape))})")
+    if images.shape[0] == 0:
+        raise SpecError("the calibration set is empty")
+    if bits is not None:
+        BitSpec.parse(bits)
+    if budget is not None and budget < min(candidates):
+        raise SpecError(f"budget {budget} is below the smallest candidate width {min(candidates)}")
+    float_graph = with_bits(graph, []) if graph.bits else graph
+    fmodel = compile(float_graph).eval()
+    _load_strict(fmodel, state)
+    with torch.no_grad():
+        ref = fmodel(images)
+    layers = quant_layers(graph)
+    if budget is not None:
+        progress("mixed-precision search")
+        top = max(candidates)
+        g8 = with_bits(graph, [("default", f"w{top}a{top}")])
+        m8 = compile(g8)
+        m8.load_state_dict(state, strict=False)
+        if method == "mptq":
+            calibrate(m8, images, method="mptq")  # folds SQ-b into m8's weights
+        chosen = greedy_mixed_precision(m8, images, ref, budget, {q.name: (q.weights, q.act_elems) for q in layers},
+                                        tuple(candidates), progress=progress)
+        rules = [("default", f"w{top}a{top}")] + [(n, f"w{w}a{a}") for n, (w, a) in chosen.items() if (w, a) != (top, top)]
+    else:
+        rules = [("default", bits)]
+    qgraph = with_bits(graph, rules)
+    qmodel = compile(qgraph)
+    qmodel.load_state_dict(state, strict=False)
+    progress(f"calibrating ({method})")
+    calibrate(qmodel, images, method=method)
+    report = _report(qgraph, qmodel, fmodel, images, ref)
+    return qgraph, qmodel, report
+
+
+def _load_strict(model, state) -> None:
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append("missing " + ", ".join(result.missing_keys))
+    if result.unexpected_keys:
+        problems.append("unexpected " + ", ".join(result.unexpected_keys))
+    if problems:
+        raise SpecError("weights do not match the spec: " + "; ".join(problems))
+
+
+@torch.no_grad()
+def _report(qgraph: Graph, qmodel, fmodel, images, ref) -> list[dict]:
+    """Per layer: bits and the MSE of its output against the float model's, same input."""
+    rows = []
+    outs: dict[str, list] = {}
+    hooks = []
+    for name in qgraph.bits:
+        for tag, model in (("q", qmodel), ("f", fmodel)):
+            mod = model.get_submodule(name)
+            hooks.append(mod.register_forward_hook(lambda m, a, o, k=(name, tag): outs.setdefault(k[0], {}).__setitem__(k[1], o)))
+    q_logits = qmodel.eval()(images[:8])
+    fmodel(images[:8])
+    for h in hooks:
+        h.remove()
+    for name, spec in qgraph.bits.items():
+        o = outs.get(name, {})
+        mse = float(F.mse_loss(o["q"], o["f"])) if "q" in o and "f" in o else float("nan")
+        rows.append({"layer": name, "bits": str(spec), "output_mse": mse})
+    logp, logq = F.log_softmax(ref[:8], -1), F.log_softmax(q_logits, -1)
+    rows.append({"layer": "(logits)", "bits": "", "output_mse": float((logp.exp() * (logp - logq)).sum(-1).mean()),
+                 "note": "KL(fp32 || quantized)"})
+    return rows
+
+
+def write_outputs(out: str, qgraph: Graph, qmodel, report: list[dict]) -> list[str]:
+    from safetensors.torch import save_file
+
+    from ..atomic import staged_dir
+    from .bits import summary
+
+    with staged_dir(out) as tmp:
+        with open(os.path.join(tmp, "spec.vit"), "w") as f:
+            f.write(qgraph.to_vit())
+        save_file({k: v.contiguous() for k, v in qmodel.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+        s = summary(qgraph)
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump({"model": qgraph.name, "avg_weight_bits": s["avg_weight_bits"], "avg_act_bits": s["avg_act_bits"],
+                       "size_bytes": s["size_bytes"], "layers": report}, f, indent=1)
+        files = sorted(os.listdir(tmp))
+    return files
