@@ -39,6 +39,16 @@ class FakeQuant(nn.Module):
         # positives use `scale` = 2^m * neg_scale, each on its half of a signed grid.
         self.register_buffer("neg_scale", torch.zeros(1))
         self.bypass = False  # calibration observes float inputs
+        # Python mirrors of the two flags, so forward has no data-dependent branch
+        # (torch.export traces it); kept in sync by set_range/set_twin and state-dict loads.
+        self._ready, self._twin = False, False
+
+    def _sync(self) -> None:
+        self._ready, self._twin = bool(self.calibrated), bool((self.neg_scale > 0).any())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync()
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {'signed per-channel' if self.signed else 'unsigned per-tensor'}"
@@ -59,6 +69,7 @@ class FakeQuant(nn.Module):
             self.zero_point.copy_((self.qmin - lo / scale).round().clamp(self.qmin, self.qmax))
         self.neg_scale.zero_()
         self.calibrated.fill_(True)
+        self._sync()
 
     def set_twin(self, pos_scale: float, m: int) -> None:
         """Twin-range quantizer for post-GELU inputs: Δ+ = pos_scale, Δ- = Δ+ / 2^m."""
@@ -66,6 +77,7 @@ class FakeQuant(nn.Module):
         self.zero_point.zero_()
         self.neg_scale.fill_(pos_scale / 2**m)
         self.calibrated.fill_(True)
+        self._sync()
 
     def twin(self, x: torch.Tensor) -> torch.Tensor:
         half = 2 ** (self.bits - 1)
@@ -76,9 +88,9 @@ class FakeQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
             return x
-        if not bool(self.calibrated):
+        if not self._ready:
             raise RuntimeError("this model has quantized layers without ranges: run vitdsl.quant.calibrate(model, data) first")
-        if bool(self.neg_scale > 0):
+        if self._twin:
             return self.twin(x)
         s, z = self._view(self.scale, x), self._view(self.zero_point, x)
         q = torch.clamp(round_ste(x / s) + z, self.qmin, self.qmax)

@@ -32,35 +32,36 @@ def averages(state: dict[str, list[int]], sizes: dict[str, tuple[int, int]]) -> 
 
 def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: torch.Tensor, budget: float,
                            sizes: dict[str, tuple[int, int]], candidates: tuple[int, ...] = CANDIDATES,
-                           progress: Callable[[str], None] | None = None) -> dict[str, tuple[int, int]]:
+                           progress: Callable[[str], None] | None = None, method: str = "mptq") -> dict[str, tuple[int, int]]:
     """sizes: layer -> (weight count, input elements per image).  Returns layer -> (wbits, abits)."""
     cands = sorted(candidates)
     if budget < cands[0]:
         raise ValueError(f"budget {budget} is below the smallest candidate width {cands[0]}")
-    cal = LayerCalibrator(model, data)
+    cal = LayerCalibrator(model, data, method)
     names = [n for n in cal.layers if n in sizes]
     state = {n: [cands[-1], cands[-1]] for n in names}
     for n in names:
         set_bits(cal.layers[n], cands[-1], cands[-1])
         cal.calibrate(n)
     loss = kl_to_reference(model, data, ref_logits)
-    cost: dict[tuple[str, int], tuple[float, float]] = {}
+    cost: dict[tuple[str, int], tuple[float, float, tuple]] = {}  # (Δloss, bytes saved, trial state)
 
     def apply(n: str) -> None:
         set_bits(cal.layers[n], state[n][0], state[n][1])
         cal.calibrate(n)
 
-    def measure(n: str, k: int) -> tuple[float, float]:
+    def measure(n: str, k: int) -> tuple[float, float, tuple]:
         old = state[n][k]
         new = cands[cands.index(old) - 1]
         snap = snapshot(cal.layers[n])
         state[n][k] = new
         apply(n)
         trial = kl_to_reference(model, data, ref_logits)
+        trial_state = snapshot(cal.layers[n])  # reused if this step is taken
         state[n][k] = old
         restore(cal.layers[n], snap)
         saved = sizes[n][k] * (old - new) / 8  # bytes per image (inputs) or in the model (weights)
-        return trial - loss, saved
+        return trial - loss, saved, trial_state
 
     while True:
         avg_w, avg_a = averages(state, sizes)
@@ -74,7 +75,7 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
                     continue
                 if (n, k) not in cost:
                     cost[(n, k)] = measure(n, k)
-                dloss, saved = cost[(n, k)]
+                dloss, saved, _ = cost[(n, k)]
                 score = dloss / saved
                 if best is None or score < best[0]:
                     best = (score, n, k)
@@ -82,8 +83,8 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
             break
         _, n, k = best
         state[n][k] = cands[cands.index(state[n][k]) - 1]
-        apply(n)
-        loss = kl_to_reference(model, data, ref_logits)
+        restore(cal.layers[n], cost[(n, k)][2])
+        loss = cost[(n, k)][0] + loss
         cost.pop((n, 0), None)
         cost.pop((n, 1), None)
         if progress:

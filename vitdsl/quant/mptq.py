@@ -38,8 +38,8 @@ class LayerCalibrator:
     """Holds each quantized layer's float inputs and sets its quantizer ranges by
     output error; reused by the mixed-precision search when a layer's width changes."""
 
-    def __init__(self, model: nn.Module, data: torch.Tensor):
-        self.model = model
+    def __init__(self, model: nn.Module, data: torch.Tensor, method: str = "mptq"):
+        self.model, self.method = model, method
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
         self.inputs: dict[str, torch.Tensor] = {}
         hooks = []
@@ -82,6 +82,11 @@ class LayerCalibrator:
         w = m.weight.flatten(1)
         m.weight_quant.set_range(w.min(dim=1).values, w.max(dim=1).values)
         x = self.inputs[name]
+        if self.method != "mptq":  # minmax / percentile from the kept inputs, no search
+            v = x.flatten()
+            lo, hi = (v.min(), v.max()) if self.method == "minmax" else (torch.quantile(v, 1e-4), torch.quantile(v, 1 - 1e-4))
+            m.input_quant.set_range(lo.reshape(1), hi.reshape(1))
+            return 0.0
         ref = self._out(m, x, m.weight, quant_input=False)
         wq = m.weight_quant(m.weight)  # fixed during the input search
         lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
@@ -144,4 +149,4 @@ def snapshot(m: nn.Module) -> tuple:
 def restore(m: nn.Module, snap: tuple) -> None:
     for q, (bits, qmin, qmax, buffers) in zip((m.weight_quant, m.input_quant), snap):
         q.bits, q.qmin, q.qmax = bits, qmin, qmax
-        q.load_state_dict(buffers)
+        q.load_state_dict(buffers)  # also re-syncs the quantizer's python flags

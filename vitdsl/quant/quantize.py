@@ -85,7 +85,7 @@ def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | Non
         if method == "mptq":
             calibrate(m8, images, method="mptq")  # folds SQ-b into m8's weights
         chosen = greedy_mixed_precision(m8, images, ref, budget, {q.name: (q.weights, q.act_elems) for q in layers},
-                                        tuple(candidates), progress=progress)
+                                        tuple(candidates), progress=progress, method=method)
         rules = [("default", f"w{top}a{top}")] + [(n, f"w{w}a{a}") for n, (w, a) in chosen.items() if (w, a) != (top, top)]
     else:
         rules = [("default", bits)]

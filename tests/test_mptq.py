@@ -1,0 +1,112 @@
+"""MPTQ-ViT calibration, greedy mixed precision and `vitdsl quantize`."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vitdsl
+from vitdsl.quant import calibrate
+from vitdsl.quant.bits import quant_layers
+from vitdsl.quant.fake import FakeQuant
+from vitdsl.quant.quantize import quantize
+from helpers import BASE
+
+
+@pytest.fixture(scope="module")
+def setup():
+    g = vitdsl.loads(BASE)
+    state = vitdsl.compile(g, seed=1).state_dict()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return g, state, images
+
+
+def test_twin_range_quantizer_matches_its_definition():
+    q = FakeQuant(4, signed=False)
+    q.set_twin(0.5, m=3)  # Δ+ = 0.5, Δ- = 0.5 / 8
+    x = torch.linspace(-1.0, 5.0, 121)
+    neg = torch.clamp(torch.round(x / 0.0625), -8, 0) * 0.0625
+    pos = torch.clamp(torch.round(x / 0.5), 0, 7) * 0.5
+    torch.testing.assert_close(q(x), torch.where(x < 0, neg, pos))
+
+
+def test_mptq_is_deterministic_and_uses_twin_ranges_after_gelu(setup):
+    g, state, images = setup
+    qg = vitdsl.loads(BASE.replace("  head pool=cls classes=10\n", "  head pool=cls classes=10\n  bits {\n    default w4a4\n  }\n"))
+    runs = []
+    for _ in range(2):
+        m = vitdsl.compile(qg)
+        m.load_state_dict(state, strict=False)
+        calibrate(m, images, method="mptq")
+        runs.append(m.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert runs[0]["blocks.0.mlp.fc2.input_quant.neg_scale"].item() > 0   # post-GELU: twin range
+    assert runs[0]["blocks.0.mlp.fc1.input_quant.neg_scale"].item() == 0  # elsewhere: one range
+
+
+def test_greedy_mixed_precision_meets_the_budget(setup):
+    g, state, images = setup
+    qg, qm, report = quantize(g, state, images, budget=5.0, method="minmax")
+    sizes = {q.name: (q.weights, q.act_elems) for q in quant_layers(g)}
+    wb = sum(qg.bits[n].weight * w for n, (w, _) in sizes.items()) / sum(w for w, _ in sizes.values())
+    ab = sum(qg.bits[n].act * a for n, (_, a) in sizes.items()) / sum(a for _, a in sizes.values())
+    assert wb <= 5.0 + 1e-9 and ab <= 5.0 + 1e-9
+    assert all(qg.bits[n].weight in (4, 5, 6, 8) and qg.bits[n].act in (4, 5, 6, 8) for n in sizes)
+    assert vitdsl.loads(qg.to_vit()) == qg
+    assert report[-1]["layer"] == "(logits)" and report[-1]["output_mse"] >= 0
+
+
+@pytest.mark.slow
+def test_greedy_mixed_precision_is_deterministic(setup):
+    g, state, images = setup
+    a, _, _ = quantize(g, state, images, budget=5.5, method="mptq")
+    b, _, _ = quantize(g, state, images, budget=5.5, method="mptq")
+    assert a.bits == b.bits
+
+
+def test_quantize_bad_input(setup):
+    g, state, images = setup
+    with pytest.raises(vitdsl.SpecError, match="below the smallest candidate width 4"):
+        quantize(g, state, images, budget=3.0)
+    with pytest.raises(vitdsl.SpecError, match=r"calibration images have shape \(4, 1, 32, 32\)"):
+        quantize(g, state, images[:, :1], bits="w8a8")
+    with pytest.raises(vitdsl.SpecError, match="calibration images have shape|empty"):
+        quantize(g, state, images[:0], bits="w8a8")
+    bad = dict(state)
+    bad.pop("head.weight")
+    bad["stray.tensor"] = torch.zeros(1)
+    with pytest.raises(vitdsl.SpecError, match="missing head.weight; unexpected stray.tensor"):
+        quantize(g, bad, images, bits="w8a8")
+
+
+def test_cli_quantize_then_build_gives_the_same_model(setup, tmp_path):
+    g, state, images = setup
+    from safetensors.torch import save_file
+
+    (tmp_path / "m.vit").write_text(BASE)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    torch.save(images, tmp_path / "calib.pt")
+    r = subprocess.run([sys.executable, "-m", "vitdsl", "quantize", str(tmp_path / "m.vit"), "--weights",
+                        str(tmp_path / "w.safetensors"), "--calib", str(tmp_path / "calib.pt"), "--bits", "w6a6",
+                        "--method", "mptq", "-o", str(tmp_path / "q")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["model.safetensors", "report.json", "spec.vit"]
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["avg_weight_bits"] == 6 and {row["bits"] for row in report["layers"][:-1]} == {"w6a6"}
+    assert "blocks.0.mlp.fc1" in r.stdout  # the per-layer table
+    r = subprocess.run([sys.executable, "-m", "vitdsl", "build", str(tmp_path / "q" / "spec.vit"), "--weights",
+                        str(tmp_path / "q" / "model.safetensors"), "-o", str(tmp_path / "b"), "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    qg = vitdsl.load(tmp_path / "q" / "spec.vit")
+    a, b = vitdsl.compile(qg).eval(), vitdsl.compile(qg).eval()
+    a.load_state_dict(load_file(str(tmp_path / "q" / "model.safetensors")))
+    b.load_state_dict(load_file(str(tmp_path / "b" / "model.safetensors")))
+    with torch.no_grad():
+        torch.testing.assert_close(a(images), b(images))
+    r = subprocess.run([sys.executable, "-m", "vitdsl", "quantize", str(tmp_path / "m.vit"), "--weights",
+                        str(tmp_path / "calib.pt"), "--calib", str(tmp_path / "calib.pt"), "--bits", "w6a6",
+                        "-o", str(tmp_path / "q2")], capture_output=True, text=True)
+    assert r.returncode == 1 and "cannot read weights" in r.stderr and not (tmp_path / "q2").exists()
