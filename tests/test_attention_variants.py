@@ -145,7 +145,7 @@ def test_alpha_one_equals_plain_attention():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         a, b = plain(x), res(x)
-    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert torch.equal(a, b)
     assert not torch.equal(vitdsl.compile(_small("residual(alpha=0.5)")).eval()(x), a)
 
 
@@ -209,3 +209,28 @@ def test_residual_windowed_attention_trains_one_step():
     assert torch.isfinite(loss)
     assert not torch.equal(before["alpha.value"], model.state_dict()["alpha.value"])
     assert g.total().params == sum(p.numel() for p in model.parameters())
+
+
+def test_global_scores_are_pooled_on_the_token_grid_like_the_official_code():
+    """Official ReViT `downsample`: heads averaged, then 2x2 average pooling of the query
+    and key grids; written out here by hand on a 4x4 grid."""
+    from vitdsl.ops.attention import adapt_scores
+
+    prev = torch.randn(1, 2, 16, 16)
+    got = adapt_scores(prev, torch.Size([1, 4, 4, 4]), batch=1)
+    m = prev.mean(1)[0]  # (16 queries, 16 keys)
+    want = torch.zeros(4, 4)
+    for qi in range(4):
+        for ki in range(4):
+            qs = [(2 * (qi // 2) + dy) * 4 + 2 * (qi % 2) + dx for dy in (0, 1) for dx in (0, 1)]
+            ks = [(2 * (ki // 2) + dy) * 4 + 2 * (ki % 2) + dx for dy in (0, 1) for dx in (0, 1)]
+            want[qi, ki] = m[qs][:, ks].mean()
+    assert got.shape == (1, 1, 4, 4)
+    torch.testing.assert_close(got[0, 0], want)
+    up = adapt_scores(torch.randn(1, 1, 4, 4), torch.Size([1, 1, 4, 16]), batch=1)  # keys grow: nearest
+    assert up.shape == (1, 1, 4, 16)
+
+
+def test_residual_options_are_exclusive():
+    with pytest.raises(SpecError, match="residual takes one of learnable, per_block or fixed"):
+        _small("residual(alpha=0.5, learnable, fixed)")

@@ -154,3 +154,44 @@ def test_graph_writes_picture(tiny, tmp_path, ext):
 def test_graph_rejects_unknown_extension(tiny, tmp_path):
     r = run("graph", str(tiny), "-o", str(tmp_path / "g.png"))
     assert r.returncode == 1 and ".svg or .dot" in r.stderr
+
+
+def test_build_refuses_to_replace_a_foreign_directory(tiny, tmp_path):
+    d = tmp_path / "mine"
+    d.mkdir()
+    (d / "notes.txt").write_text("keep me")
+    r = run("build", str(tiny), "-o", str(d), "-q")
+    assert r.returncode == 1 and "is not a vitdsl output directory" in r.stderr
+    assert (d / "notes.txt").read_text() == "keep me"
+
+
+def test_build_weights_of_another_shape_is_a_diagnostic(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    import vitdsl
+
+    other = vitdsl.compile(vitdsl.loads(TINY.replace("dim=64", "dim=32"))).state_dict()
+    save_file({k: v.contiguous() for k, v in other.items()}, str(tmp_path / "w.safetensors"))
+    r = run("build", str(tiny), "-o", str(tmp_path / "o"), "--weights", str(tmp_path / "w.safetensors"))
+    assert r.returncode == 1 and "weights do not match the spec: size mismatch" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_graph_to_missing_directory_names_the_output(tiny, tmp_path):
+    out = tmp_path / "nope" / "g.svg"
+    r = run("graph", str(tiny), "-o", str(out))
+    assert r.returncode == 1 and r.stderr.startswith(f"{out}: error:") and ".tmp" not in r.stderr
+
+
+def test_every_package_is_listed_for_pip_install():
+    """`pip install .` ships only the packages pyproject lists (no auto-discovery)."""
+    import tomllib
+
+    listed = set(tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"]["packages"])
+    found = set()
+    for base, prefix in (("vitdsl", "vitdsl"), ("backends", "vitdsl.backends"), ("grammars", "vitdsl.grammars")):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, base)):
+            if "__init__.py" in files and "__pycache__" not in dirpath:
+                rel = os.path.relpath(dirpath, os.path.join(ROOT, base))
+                found.add(prefix if rel == "." else prefix + "." + rel.replace(os.sep, "."))
+    assert found == listed

@@ -28,7 +28,12 @@ def _normal_modes(root: str) -> None:
 def write_text(path: str, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same directory + rename."""
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".vitdsl-", suffix=".tmp", dir=d)
+    if os.path.isdir(path):
+        raise IsADirectoryError(21, "Is a directory", path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".vitdsl-", suffix=".tmp", dir=d)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -41,11 +46,20 @@ def write_text(path: str, text: str) -> None:
         raise
 
 
+MARKERS = ("manifest.json", "report.json")  # files that identify a directory vitdsl wrote
+
+
 @contextlib.contextmanager
 def staged_dir(out: str) -> Iterator[str]:
     """Yield a temporary directory beside `out`; on success it replaces `out` whole,
     on any error it is removed and `out` is left as it was."""
     out = os.path.abspath(out)
+    if os.path.isdir(out) and os.listdir(out) and not any(
+            os.path.exists(os.path.join(out, m)) for m in MARKERS):
+        from .errors import SpecError
+
+        raise SpecError(f"{out} exists and is not a vitdsl output directory; choose another -o "
+                        "(vitdsl replaces only its own output directories)", filename=out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=parent)

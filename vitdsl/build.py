@@ -35,7 +35,11 @@ def load_weights(model, path: str) -> None:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise SpecError(f"cannot read weights: {e}", filename=path) from None
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:] if ln.strip())
+        raise SpecError(f"weights do not match the spec: {detail}", filename=path) from None
     problems = []
     if result.missing_keys:
         problems.append("missing " + ", ".join(result.missing_keys))

@@ -148,6 +148,8 @@ def cmd_import(args) -> int:
         try:
             save_file(state, tmp, metadata={"source": f"timm:{name}"})
             os.replace(tmp, args.weights)
+        except Exception as e:  # noqa: BLE001 - an unwritable destination is a user error
+            raise SpecError(f"cannot write weights: {e}", filename=args.weights) from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -41,14 +41,14 @@ def evaluate(expr: A.Expr, env: dict[str, Any]) -> Any:
     if isinstance(expr, A.Neg):
         v = evaluate(expr.operand, env)
         if not _is_num(v):
-            raise SpecError(f"cannot negate {v!r}: not a number", expr.span)
+            raise SpecError(f"cannot negate {_show(v)}: not a number", expr.span)
         return -v
     if isinstance(expr, A.BinOp):
         a, b = evaluate(expr.left, env), evaluate(expr.right, env)
         for side, v in ((expr.left, a), (expr.right, b)):
             if not _is_num(v):
                 hint = " (is it an undefined variable?)" if isinstance(v, str) else ""
-                raise SpecError(f"'{expr.op}' needs numbers, got {v!r}{hint}", side.span)
+                raise SpecError(f"'{expr.op}' needs numbers, got {_show(v)}{hint}", side.span)
         if expr.op in ("/", "//") and b == 0:
             raise SpecError("division by zero", expr.right.span)
         if expr.op == "+":
@@ -68,6 +68,16 @@ def evaluate(expr: A.Expr, env: dict[str, Any]) -> Any:
         kwargs = {a.key: evaluate(a.value, env) for a in expr.args if a.key is not None}
         return CallValue(name=expr.name, args=args, kwargs=kwargs)
     raise SpecError("unsupported expression", getattr(expr, "span", None))  # pragma: no cover
+
+
+def _show(v: Any) -> str:
+    from .canon import value_text
+
+    try:
+        text = value_text(v)
+    except TypeError:
+        return repr(v)
+    return f"'{text}'" if isinstance(v, str) else text
 
 
 def _is_num(v: Any) -> bool:

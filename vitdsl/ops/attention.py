@@ -97,6 +97,8 @@ class Residual(BaseModel):
             d = dict(v.kwargs)
             for a in v.args:
                 if a in ("learnable", "per_block", "fixed"):
+                    if "mode" in d:
+                        raise ValueError(f"residual takes one of learnable, per_block or fixed, got both {d['mode']} and {a}")
                     d["mode"] = a
                 else:
                     raise ValueError(f"unknown residual option {a!r}; expected learnable, per_block or alpha=...")
@@ -233,6 +235,10 @@ class Attention(nn.Module):
             a = self.residual.alpha if a is None else a
             s = a * s + (1 - a) * adapt_scores(prev, s.shape, batch)
         mixed = s  # handed on without the shift mask, as in the official ReSwin code
+        if self.residual.mode == "fixed" and self.residual.alpha == 1.0:  # Ŝ_l = S_l: plain attention, exactly
+            add = bias if mask is None else (mask if bias is None else bias + mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=add)
+            return out.transpose(1, 2).reshape(B_, N, C), mixed
         if mask is not None:
             s = s + mask
         out = s.softmax(dim=-1) @ v
@@ -269,22 +275,41 @@ class Attention(nn.Module):
 
 
 def adapt_scores(prev: torch.Tensor, shape: torch.Size, batch: int) -> torch.Tensor:
-    """Bring the previous block's scores to this block's shape (ReViT official code):
-    mean over heads when the head count changes; nearest resizing of the
-    (windows x heads, tokens, tokens) volume when windows or tokens change, or average
-    pooling when the token count shrinks in global attention."""
+    """Bring the previous block's scores to this block's shape, as the official code does.
+
+    Global attention (ADiko1997/ReViT, model/attention.py `downsample`): mean over heads
+    when the head count changes, then, on the square token grid, average-pool the query
+    axis and average-pool or nearest-upsample the key axis.  Windowed attention (ReSwin):
+    nearest resizing of each image's (windows x heads, tokens, tokens) volume."""
     if prev.shape == shape:
         return prev
     B_, h, n, m = shape
-    if prev.shape[1] != h and prev.shape[-2:] == shape[-2:] and prev.shape[0] == B_:
-        return prev.mean(dim=1, keepdim=True)
-    if prev.shape[-1] > m and prev.shape[0] == B_ and prev.shape[1] in (h, 1):
-        return F.adaptive_avg_pool2d(prev, (n, m))
-    # windows/heads/tokens changed together (ReSwin): nearest over the whole
-    # (windows*heads, n, m) volume of each image; prev is (B*nW', h', n', m').
+    if B_ == batch and prev.shape[0] == batch:  # global attention on both sides
+        if prev.shape[1] != h:
+            prev = prev.mean(dim=1, keepdim=True)
+        if prev.shape[-2] != n:
+            prev = _resample_grid(prev.transpose(-2, -1), n).transpose(-2, -1)
+        if prev.shape[-1] != m:
+            prev = _resample_grid(prev, m)
+        return prev
     vol = prev.reshape(batch, 1, -1, prev.shape[-2], prev.shape[-1])
     vol = F.interpolate(vol, size=(B_ // batch * h, n, m), mode="nearest")
     return vol.reshape(B_, h, n, m)
+
+
+def _resample_grid(t: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Resample the last axis of t, a square grid of tokens, to n_new tokens: average
+    pooling with kernel = stride = side ratio when shrinking, nearest when growing."""
+    n_old = t.shape[-1]
+    s_old, s_new = math.isqrt(n_old), math.isqrt(n_new)
+    if s_old * s_old != n_old or s_new * s_new != n_new:
+        raise RuntimeError(f"residual attention scores cannot be resampled from {n_old} to {n_new} tokens (grids must be square)")
+    x = t.reshape(-1, 1, s_old, s_old)
+    if s_old > s_new:
+        x = F.avg_pool2d(x, kernel_size=s_old // s_new)
+    else:
+        x = F.interpolate(x, scale_factor=s_new // s_old, mode="nearest")
+    return x.reshape(*t.shape[:-1], n_new)
 
 
 # ------------------------------------------------------------------ the op
@@ -365,3 +390,119 @@ class AttentionOp(OpDef):
         if getattr(m, "relative_position_bias_table", None) is not None:
             nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
         return m
+
+    def workspace(self, node, ins, out):
+        """Working memory of Attention.forward (fp32 bytes per sample beyond the output):
+        the tensors it allocates, replayed in program order, and their high-water mark.
+
+        T tokens are attended (the padded grid for windows), n per window (T for
+        global attention), h heads, C channels, S = h*T*n score elements:
+
+        * windows: torch.roll on shifted blocks (one copy per rolled axis), F.pad (a
+          copy even without padding), the partition into windows (a copy unless there
+          is one window per row or the window is one row high: then a view); afterwards
+          the reverse (likewise), and a copy by the roll back or by the crop of a
+          padded grid;
+        * the qkv projection (3TC), alive until the attention product returns;
+        * fused SDPA (without residual attention; torch's CPU flash kernel, which never
+          materialises the scores): its output TC (laid out so that merging the heads
+          is a view), the log-sum-exp h*T, and a copy of the additive mask when its
+          last axis is strided (the permuted relative position bias, h*n*n, or bias +
+          shift mask, S, which keeps that layout; the shift mask alone is not copied).
+          The kernel's per-thread blocks do not scale with the batch: not counted;
+        * residual attention (materialised): q*scale (TC), with several windows copies
+          of q*scale, k and v for the batched products (TC each), the scores S, + bias (S),
+          the mix a*S + (1-a)*prev (three more S while the unmixed scores are alive),
+          the masked scores (S), softmax (S), A@v (TC) and the head-merge copy (TC);
+        * the output projection (TC) while its input is alive.
+
+        The bias gathered from its table (h*n*n) is per call; it is counted as per sample."""
+        a = node.attrs
+        N, C = ins[0].shape
+        h = a.heads
+        bufs: dict[str, int] = {}
+        level = [0, 0]  # in use, high-water mark (elements)
+
+        def alloc(name: str, k: int) -> None:
+            bufs[name] = bufs.get(name, 0) + k
+            level[0] += k
+            level[1] = max(level[1], level[0])
+
+        def free(*names: str) -> None:
+            for name in names:
+                level[0] -= bufs.pop(name, 0)
+
+        windowed = a.attn.kind == "window"
+        if windowed:
+            window, shift = self.geometry(node, ins[0])
+            hp, wp = padded(ins[0].grid, window)
+            T, n = hp * wp, window[0] * window[1]
+            shifted, relpos = any(shift), a.attn.relpos == "table"
+            regroup = wp // window[1] > 1 and window[0] > 1  # partition/reverse permute data: a copy
+            if shifted:
+                alloc("roll_tmp", N * C), alloc("x", N * C), free("roll_tmp")
+            alloc("padded", T * C)
+            free("x")  # the rolled grid, rebound
+            if regroup:
+                alloc("windows", T * C)
+        else:
+            T, n, shifted, relpos, regroup = N, N, False, False, False
+        S = h * T * n
+        # -- _attend
+        alloc("qkv", 3 * T * C)
+        if relpos:
+            alloc("bias", h * n * n)
+        if a.residual is None:
+            if relpos and shifted:
+                alloc("bias+mask", S)
+            alloc("y", T * C), alloc("lse", h * T)
+            # SDPA copies a mask whose last axis is not contiguous: the permuted bias
+            # (alone, or bias + mask, which takes the bias's layout); not the shift mask
+            alloc("mask_copy", (S if shifted else h * n * n) if relpos else 0)
+            free("lse", "mask_copy")
+            kept = 0
+        else:
+            # With several windows, matmul folds (windows, heads) into one batch axis:
+            # q*scale (which keeps q's strides), k^T and v are copied (TC each) for it.
+            fold = T * C if T > n else 0
+            alloc("qs", T * C), alloc("q", fold), alloc("k", fold), alloc("s", S), free("qs", "q", "k")
+            if relpos:
+                alloc("s+bias", S)
+                free("s")
+                bufs["s"] = bufs.pop("s+bias")
+            prev = next((t for t, r in zip(ins, node.inputs) if r.endswith("#scores")), None)
+            if prev is not None:
+                resized = prev.shape != (T // n * h, n, n)
+                if resized:
+                    alloc("adapted", S)  # adapt_scores
+                alloc("a*s", S), alloc("(1-a)*prev", S), alloc("mixed", S)
+                free("a*s", "(1-a)*prev", "s", "adapted")
+                bufs["s"] = bufs.pop("mixed")
+            if shifted:
+                alloc("masked", S)  # s + mask; the mixed scores stay (an output)
+            alloc("softmax", S), alloc("v", fold), alloc("av", T * C), free("softmax", "v")
+            alloc("y", T * C)  # transpose + reshape: a copy
+            free("av", "masked")
+            kept = S
+        free("qkv", "bias", "bias+mask")  # _attend returns: y (and the mixed scores) remain
+        if windowed:
+            x = "y"  # what _reverse returns: a copy, or a view of y
+            if regroup:
+                alloc("reverse", T * C)
+                free("padded")  # rebound (without regrouping, the windows view keeps it)
+                x = "reverse"
+            if shifted:
+                alloc("roll_tmp", N * C), alloc("pre", N * C), free("roll_tmp")
+                if x == "reverse":
+                    free("reverse")  # rebound
+                x = "pre"
+            elif T != N:
+                alloc("pre", N * C)  # reshape of the cropped (non-contiguous) grid: a copy
+                x = "pre"
+            free(*[b for b in ("windows", "padded", "reverse", "y") if b != x])  # _windowed returns
+        else:
+            x = "y"
+        alloc("out", N * C)  # proj
+        free(x)
+        assert level[0] == N * C + kept == sum(bufs.values()), (level, bufs)
+        return 4 * max(0, level[1] - (N * C + kept))

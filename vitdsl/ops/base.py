@@ -54,6 +54,16 @@ class OpDef:
         """Cost rule: params and MACs per sample.  Must equal what build_torch makes."""
         return Cost(act_bytes=4 * out.numel)
 
+    def workspace(self, node: "Node", ins: list[TensorType], out: TensorType) -> int:
+        """Working-memory rule: fp32 bytes per sample that the op's forward holds *beyond
+        its output* (``cost(...).act_bytes``) at its own high-water mark, its inputs not
+        counted (they are alive anyway).  So while the op runs, memory in use peaks at
+        live inputs + output + workspace.  Temporaries count in full if they are alive
+        at that moment, even when freed before the output is allocated (the MLP's two
+        hidden activations, for instance).  Default 0: the op allocates only its
+        output.  Used by :mod:`vitdsl.passes.memory`."""
+        return 0
+
     def build_torch(self, node: "Node", ins: list[TensorType], out: TensorType) -> "nn.Module":
         raise NotImplementedError(f"op '{self.kind}' has no torch builder")
 

@@ -59,3 +59,14 @@ class Merge(OpDef):
         m = PatchMerging(ins[0].channels, out.channels, ins[0].grid, node.attrs.eps)
         nn.init.trunc_normal_(m.reduction.weight, std=0.02)
         return m
+
+    def workspace(self, node, ins, out):
+        """PatchMerging.forward: F.pad copies the grid (even without padding), the 2x2
+        regrouping copies it again (P elements, the padded grid) and drops the padded
+        copy; then LayerNorm's output (P) and its per-token mean and rstd, and the
+        reduction's output while the regrouped grid and the normalised one are alive."""
+        h, w = ins[0].grid
+        P = (h + h % 2) * (w + w % 2) * ins[0].channels
+        tokens, cout = out.shape
+        peak = max(2 * P, 2 * P + 2 * tokens, 2 * P + tokens * cout)
+        return 4 * (peak - tokens * cout)

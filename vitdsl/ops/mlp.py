@@ -65,3 +65,12 @@ class MlpOp(OpDef):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
         return m
+
+    def workspace(self, node, ins, out):
+        """fc1's output and the activation's are both alive while the activation runs
+        (2 hidden), then the activation's and fc2's (hidden + output): the larger,
+        beyond the output."""
+        c = out.channels
+        tokens = out.shape[0] if out.kind == "tokens" else 1
+        hidden = self.hidden(node, c)
+        return 4 * tokens * (max(2 * hidden, hidden + c) - c)
