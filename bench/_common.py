@@ -32,10 +32,13 @@ Figures produced by the scripts in `bench/` (see `bench/README.md`).  Each secti
 below is rewritten by its own script (`--write-doc`); everything between a section's
 `BEGIN`/`END` markers is generated, so edit the scripts, not the figures.
 
-All CPU figures are wall-clock times from `time.perf_counter`, medians of repeated
-runs.  The machines used so far are small shared VMs: other work (test runs) may be
-running at the same time, so the scripts interleave the contenders, repeat, and
-report medians; the load average at the start and end of each run is recorded.
+Times are wall clock (`time.perf_counter`), medians of repeated warm runs; some
+tables add process CPU time, which other processes disturb less.  The machines used
+so far are small shared VMs where other work (test suites, other benchmarks) may be
+running at the same time, so the scripts interleave the contenders, repeat, report
+medians, and record the load average at the start and end of each run; a section
+measured while the machine was busy says so at its top.  Each section states plainly
+whether its target is met.
 
 GPU figures: pending (no GPU was available on the machine that produced these figures).
 """
@@ -208,3 +211,21 @@ def wait_for_quiet(max_load: float, timeout: float, poll: float = 5.0) -> str:
         if waited >= timeout:
             return f"gave up waiting after {waited:.0f} s: load average still {one:.2f} > {max_load}"
         time.sleep(poll)
+
+
+def load_warning(*loads: str) -> str:
+    """A warning line when the 1-minute load average during a run exceeded the cores
+    available (other processes were competing for the CPU), else ''."""
+    cores = len(os.sched_getaffinity(0))
+    worst = 0.0
+    for s in loads:
+        try:
+            worst = max(worst, float(s.split()[0]))
+        except (ValueError, IndexError):
+            pass
+    if worst <= cores * 0.75:
+        return ""
+    return (f"**Caution: measured on a busy machine** (1-minute load average up to {worst:.2f} on {cores} cores "
+            f"while this ran: other jobs were competing for the CPU). Absolute times are inflated and noisy; "
+            f"interleaved ratios are fairer than absolute times, and a rerun on an idle machine "
+            f"(`bench/run_all.py --wait-idle 1.0`) is needed before trusting the absolute figures.")

@@ -14,7 +14,9 @@ the medians vitdsl/timm with a bootstrap 95% interval, and the median of the per
 ratios.  Target: vitdsl/timm <= 1.00.
 
 torch's intra-op thread count is set explicitly (--threads, default: the cores this
-process may use) and reported; inter-op threads are set to 1.
+process may use, then 1) and reported; inter-op threads are set to 1.  On a busy
+machine the all-cores figures suffer most (torch's worker threads wait on each other
+when one is descheduled); the 1-thread figures are the steadier comparison.
 """
 from __future__ import annotations
 
@@ -105,8 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=MODELS, help="spec/timm names (default: %(default)s)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (default: %(default)s)")
     default_threads = len(os.sched_getaffinity(0))
-    ap.add_argument("--threads", type=int, nargs="+", default=[default_threads],
-                    help="torch intra-op thread counts to measure (default: %(default)s, the cores available)")
+    ap.add_argument("--threads", type=int, nargs="+", default=sorted({default_threads, 1}, reverse=True),
+                    help="torch intra-op thread counts to measure (default: %(default)s: the cores available, and 1)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed forwards of each model first (default: %(default)s)")
     ap.add_argument("--runs", type=int, default=40, help="timed pairs at batch 1 (default: %(default)s)")
     ap.add_argument("--runs-large", type=int, default=15, help="timed pairs at batch > 1 (default: %(default)s)")
@@ -205,6 +207,7 @@ def main(argv=None) -> int:
             "",
             summary,
             "",
+            *([C.load_warning(load0, load1), ""] if C.load_warning(load0, load1) else []),
             report,
             "",
             "GPU latency: pending (no GPU on the machine that produced these figures).",
