@@ -250,13 +250,13 @@ def main(argv=None) -> int:
             json.dump({"raw": {str(k): v for k, v in raw.items()}, "facts": facts, "ops": {"vit": pv, "revit": pr},
                        "load": [load0, load1]}, f, indent=1)
     if args.write_doc:
-        from scaling import replace_section
+        from scaling import replace_section, reproduce_command
 
         body = "\n".join([
             HEADING, "",
             f"Date: {C.now()}", "",
             "Command (from the repository root):", "",
-            "```", C.command_line(), "```", "",
+            "```", reproduce_command(), "```", "",
             *C.machine_lines([f"- torch intra-op threads: {args.threads}"]), "",
             summary, "",
             report,

@@ -7,9 +7,12 @@ mean-pooled head) at input sizes 224, 448, 896 and 1024 (grids 14, 28, 56, 64; 1
   global        plain attention; torch's fused SDPA (on CPU its flash kernel, which
                 never materialises the N x N scores)
   window        attn=window(7, shift=alternate) (Swin-style; grid 64 pads to 70)
-  materialised  residual(alpha=1.0): residual attention with alpha = 1 is numerically
-                plain attention, but writes the scores out (q k^T, softmax, A v), and
-                hands them to the next block as an output
+  materialised  residual(alpha=1.0, learnable): residual attention with alpha = 1 is
+                numerically plain attention, but writes the scores out (q k^T, the mix
+                with the previous block's scores, softmax, A v) and hands them to the
+                next block as an output.  (`learnable`, because since f223588 a *fixed*
+                alpha = 1 computes the output with the fused kernel, while still
+                writing the scores out for the next block.)
 
 Memory (--memory): every (size, variant, executor) runs in a fresh interpreter that
 builds the model and the input, runs one warm-up forward, then measures
@@ -58,7 +61,7 @@ SIZES = [224, 448, 896, 1024]
 VARIANTS = {
     "global": "",
     "window": "attn=window(7, shift=alternate)",
-    "materialised": "residual(alpha=1.0)",
+    "materialised": "residual(alpha=1.0, learnable)",
 }
 EXECUTORS = ["frees", "keep-all"]
 TOLERANCE = 0.10  # the cost model's target: within 10% of the measured allocator peak
@@ -412,6 +415,7 @@ def main(argv=None) -> int:
 
     mem: dict = {}
     lat: dict = {}
+    resumed = None
     if args.resume:
         with open(args.resume) as f:
             old = json.load(f)
@@ -426,6 +430,7 @@ def main(argv=None) -> int:
             date, waited = old.get("date", date), old.get("waited")
             load0, load_end = (old.get("load", []) + [load0, load0])[:2]
         print(f"[scaling] resumed {len(mem)} memory and {len(lat)} latency results from {args.resume}", flush=True)
+        resumed = (len(mem), len(lat), old.get("date"))
     if not args.no_memory:
         jobs = [(s, v, e) for s in args.sizes for v in args.variants for e in args.executors]
         env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
@@ -468,6 +473,10 @@ def main(argv=None) -> int:
 
         notes = [f"Load average (1/5/15 min) at start: {load0}; at end: {load1}"
                  + (f" ({waited})" if waited else "") + f". Whole run: {elapsed / 60:.0f} min."]
+        if resumed and not args.from_json and (resumed[0] or resumed[1]):
+            notes.append(f"This run measured what was missing and reused {resumed[0]} memory and {resumed[1]} latency "
+                         f"results of an earlier run of the same command and code paths"
+                         + (f" ({resumed[2]})" if resumed[2] else "") + ".")
         body = "\n".join([
             HEADING, "",
             f"Date: {date}", "",
@@ -493,8 +502,11 @@ def render(args, pred, mem, lat) -> tuple[str, list[str]]:
                "mean-pooled, built with `vitdsl.loads` from spec text (`spec_text` in `bench/scaling.py`). Variants: "
                "**global**: plain attention, fused `F.scaled_dot_product_attention`; "
                "**window**: `attn=window(7, shift=alternate)`; "
-               "**materialised**: `residual(alpha=1.0)`, numerically plain attention but with the scores "
-               "written out (and handed to the next block).")
+               "**materialised**: `residual(alpha=1.0, learnable)`, numerically plain attention (the mix "
+               "1 x S + 0 x S_prev is S exactly) computed explicitly: q k^T, the mix, softmax and A v, with the scores "
+               "handed to the next block (learnable, because a fixed alpha = 1 computes the output with the "
+               "fused kernel since f223588; its scores are still written out and mixed, so its memory is the same, "
+               "its time is not).")
     if "window" in variants:
         out.append("")
         out.append("Window 7 at each size (all build and run): " + "; ".join(

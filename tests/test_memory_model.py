@@ -195,6 +195,7 @@ def allocator_peak(model, x) -> int:
     "",
     "attn=window(7, shift=alternate)",
     "residual(alpha=0.5, learnable)",
+    "residual(alpha=1.0)",
     "attn=window(5, shift=alternate) residual(alpha=0.5)",
 ])
 def test_prediction_matches_allocator(extra):

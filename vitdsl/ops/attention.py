@@ -414,6 +414,8 @@ class AttentionOp(OpDef):
           of q*scale, k and v for the batched products (TC each), the scores S, + bias (S),
           the mix a*S + (1-a)*prev (three more S while the unmixed scores are alive),
           the masked scores (S), softmax (S), A@v (TC) and the head-merge copy (TC);
+          with a fixed alpha = 1 the output comes from the fused kernel instead (as
+          above), the scores being still computed, mixed and handed on;
         * the output projection (TC) while its input is alive.
 
         The bias gathered from its table (h*n*n) is per call; it is counted as per sample."""
@@ -478,11 +480,20 @@ class AttentionOp(OpDef):
                 alloc("a*s", S), alloc("(1-a)*prev", S), alloc("mixed", S)
                 free("a*s", "(1-a)*prev", "s", "adapted")
                 bufs["s"] = bufs.pop("mixed")
-            if shifted:
-                alloc("masked", S)  # s + mask; the mixed scores stay (an output)
-            alloc("softmax", S), alloc("v", fold), alloc("av", T * C), free("softmax", "v")
-            alloc("y", T * C)  # transpose + reshape: a copy
-            free("av", "masked")
+            if a.residual.mode == "fixed" and a.residual.alpha == 1.0:
+                # alpha = 1: the output is plain attention, from the fused kernel, as above;
+                # the scores are still written out (an output)
+                if relpos and shifted:
+                    alloc("bias+mask", S)
+                alloc("y", T * C), alloc("lse", h * T)
+                alloc("mask_copy", (S if shifted else h * n * n) if relpos else 0)
+                free("lse", "mask_copy")
+            else:
+                if shifted:
+                    alloc("masked", S)  # s + mask; the mixed scores stay (an output)
+                alloc("softmax", S), alloc("v", fold), alloc("av", T * C), free("softmax", "v")
+                alloc("y", T * C)  # transpose + reshape: a copy
+                free("av", "masked")
             kept = S
         free("qkv", "bias", "bias+mask")  # _attend returns: y (and the mixed scores) remain
         if windowed:
