@@ -35,18 +35,23 @@ def load_weights(model, path: str) -> None:
         state = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise SpecError(f"cannot read weights: {e}", filename=path) from None
+    load_state_strict(model, state, path)
+
+
+def load_state_strict(model, state: dict, filename: str = "<weights>") -> None:
+    """load_state_dict that reports every missing, unexpected or mis-shaped tensor as a SpecError."""
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:] if ln.strip())
-        raise SpecError(f"weights do not match the spec: {detail}", filename=path) from None
+        raise SpecError(f"weights do not match the spec: {detail}", filename=filename) from None
     problems = []
     if result.missing_keys:
         problems.append("missing " + ", ".join(result.missing_keys))
     if result.unexpected_keys:
         problems.append("unexpected " + ", ".join(result.unexpected_keys))
     if problems:
-        raise SpecError("weights do not match the spec: " + "; ".join(problems), filename=path)
+        raise SpecError("weights do not match the spec: " + "; ".join(problems), filename=filename)
 
 
 def build(graph: Graph, out: str, backend: str = "torch", seed: int = 0, weights: str | None = None,

@@ -178,7 +178,7 @@ def cmd_quantize(args) -> int:
             print(f"\r\033[K{msg}", end="" if not msg.startswith("calibrating") else "\n", file=sys.stderr, flush=True)
 
     qgraph, qmodel, report = quantize(g, state, images, bits=args.bits, budget=args.budget, method=args.method,
-                                      progress=progress)
+                                      progress=progress, weights_name=args.weights)
     files = write_outputs(args.output, qgraph, qmodel, report)
     rows = [[r["layer"], r["bits"], f"{r['output_mse']:.3g}"] for r in report]
     print(render(["layer", "bits", "output MSE (last: KL of logits)"], rows, right={2}))

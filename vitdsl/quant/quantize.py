@@ -53,7 +53,7 @@ def with_bits(graph: Graph, rules: list[tuple[str, str]]) -> Graph:
 
 
 def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | None = None, budget: float | None = None,
-             method: str = "mptq", candidates: tuple[int, ...] = (4, 5, 6, 8),
+             method: str = "mptq", candidates: tuple[int, ...] = (4, 5, 6, 8), weights_name: str = "<weights>",
              progress: Callable[[str], None] = lambda s: None) -> tuple[Graph, torch.nn.Module, list[dict]]:
     from ..api import compile
     from .bits import BitSpec, quant_layers
@@ -72,7 +72,9 @@ def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | Non
         raise SpecError(f"budget {budget} is below the smallest candidate width {min(candidates)}")
     float_graph = with_bits(graph, []) if graph.bits else graph
     fmodel = compile(float_graph).eval()
-    _load_strict(fmodel, state)
+    from ..build import load_state_strict
+
+    load_state_strict(fmodel, state, weights_name)
     with torch.no_grad():
         ref = fmodel(images)
     layers = quant_layers(graph)
@@ -96,17 +98,6 @@ def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | Non
     calibrate(qmodel, images, method=method)
     report = _report(qgraph, qmodel, fmodel, images, ref)
     return qgraph, qmodel, report
-
-
-def _load_strict(model, state) -> None:
-    result = model.load_state_dict(state, strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append("missing " + ", ".join(result.missing_keys))
-    if result.unexpected_keys:
-        problems.append("unexpected " + ", ".join(result.unexpected_keys))
-    if problems:
-        raise SpecError("weights do not match the spec: " + "; ".join(problems))
 
 
 @torch.no_grad()
