@@ -427,10 +427,11 @@ def main(argv=None) -> int:
             if r.get("threads") == args.threads:
                 lat[int(key)] = r
         if args.from_json:
-            date, waited = old.get("date", date), old.get("waited")
+            date, waited, resumed = old.get("date", date), old.get("waited"), old.get("resumed")
             load0, load_end = (old.get("load", []) + [load0, load0])[:2]
         print(f"[scaling] resumed {len(mem)} memory and {len(lat)} latency results from {args.resume}", flush=True)
-        resumed = (len(mem), len(lat), old.get("date"))
+        if not args.from_json:
+            resumed = (len(mem), len(lat), old.get("date"))
     if not args.no_memory:
         jobs = [(s, v, e) for s in args.sizes for v in args.variants for e in args.executors]
         env = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
@@ -467,13 +468,14 @@ def main(argv=None) -> int:
     print()
     print("\n".join(verdicts))
     if not args.from_json:
-        save_json(args.json, pred, mem, lat, [load0, load1], date=date, elapsed_s=elapsed, waited=waited)
+        save_json(args.json, pred, mem, lat, [load0, load1], date=date, elapsed_s=elapsed, waited=waited,
+                  resumed=resumed)
     if args.write_doc:
         import torch
 
         notes = [f"Load average (1/5/15 min) at start: {load0}; at end: {load1}"
                  + (f" ({waited})" if waited else "") + f". Whole run: {elapsed / 60:.0f} min."]
-        if resumed and not args.from_json and (resumed[0] or resumed[1]):
+        if resumed and (resumed[0] or resumed[1]):
             notes.append(f"This run measured what was missing and reused {resumed[0]} memory and {resumed[1]} latency "
                          f"results of an earlier run of the same command and code paths"
                          + (f" ({resumed[2]})" if resumed[2] else "") + ".")
@@ -523,10 +525,11 @@ def render(args, pred, mem, lat) -> tuple[str, list[str]]:
                 row.append(C.fmt_ms(C.median(r["cpu"][v]), 0))
             if "global" in variants and "window" in variants:
                 row.append(f"{C.median(r['wall']['window']) / C.median(r['wall']['global']):.2f}")
+                row.append(f"{C.median(r['cpu']['window']) / C.median(r['cpu']['global']):.2f}")
             rows.append(row)
         head = ["size", "tokens", "rounds"] + [f"{v} ms" for v in variants] + [f"{v} CPU ms" for v in variants]
         if "global" in variants and "window" in variants:
-            head.append("window/global")
+            head += ["window/global", "window/global CPU"]
         out.append(C.table(head, rows))
         out.append("")
         waits = {s: max(C.median(lat[s]["wall"][v]) / C.median(lat[s]["cpu"][v]) for v in variants) for s in sizes}
