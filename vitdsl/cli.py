@@ -233,6 +233,10 @@ def make_parser() -> argparse.ArgumentParser:
     im.add_argument("-o", "--output", required=True, metavar="SPEC", help="the .vit file to write")
     im.add_argument("--weights", metavar="FILE", help="also write timm's (random-init) weights, converted, as safetensors")
     im.set_defaults(func=cmd_import)
+
+    from .train import add_cli
+
+    add_cli(sub)
     return p
 
 
