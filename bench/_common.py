@@ -229,3 +229,13 @@ def load_warning(*loads: str) -> str:
             f"while this ran: other jobs were competing for the CPU). Absolute times are inflated and noisy; "
             f"interleaved ratios are fairer than absolute times, and a rerun on an idle machine "
             f"(`bench/run_all.py --wait-idle 1.0`) is needed before trusting the absolute figures.")
+
+
+def notes(name: str) -> str:
+    """Hand-written analysis kept in bench/notes/NAME.md, appended to the generated
+    section so that it survives regeneration ('' if there is none)."""
+    try:
+        with open(Path(__file__).resolve().parent / "notes" / f"{name}.md") as f:
+            return f.read()
+    except OSError:
+        return ""

@@ -142,7 +142,8 @@ def main(argv=None) -> int:
             *([C.load_warning(load0, load1), ""] if C.load_warning(load0, load1) else []),
             report,
         ])
-        C.update_doc("build_time", body)
+        extra = C.notes("build_time")
+        C.update_doc("build_time", body + ("\n\n" + extra if extra else ""))
         print(f"\nupdated {C.DOC}")
     return 0
 
