@@ -18,7 +18,6 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -175,22 +174,24 @@ def update_doc(name: str, body: str, doc: Path = DOC) -> Path:
             text = text[:pos] + block + "\n\n" + text[pos:]
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".benchmarks.", suffix=".md.tmp", dir=doc.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, doc)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_doc(text, doc)
     return doc
+
+
+def write_doc(text: str, doc: Path = DOC) -> None:
+    """Atomic write of the benchmarks doc (temp file in the same directory + rename)."""
+    from vitdsl.atomic import write_text
+
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    write_text(str(doc), text)
+
+
+def section(title: str, summary: Sequence[str], load0: str, load1: str) -> list[str]:
+    """The lines every section starts with: title, date, command, machine, verdicts,
+    and a warning when the machine was busy."""
+    warning = load_warning(load0, load1)
+    return [f"## {title}", "", f"Date: {now()}", "", "Command (from the repository root):", "", "```",
+            command_line(), "```", "", *machine_lines(), "", *summary, "", *([warning, ""] if warning else [])]
 
 
 def fmt_ms(seconds: float, digits: int = 2) -> str:

@@ -125,21 +125,7 @@ def main(argv=None) -> int:
         summary = "\n".join(f"- {n}, {t} thread(s): vitdsl/timm build time {r:.3f} (target <= 1.1): **{'met' if ok else 'NOT met'}**"
                             for n, t, r, ok in verdicts)
         body = "\n".join([
-            "## Build time: spec to module (vitdsl.load + vitdsl.compile) vs timm.create_model",
-            "",
-            f"Date: {C.now()}",
-            "",
-            "Command (from the repository root):",
-            "",
-            "```",
-            C.command_line(),
-            "```",
-            "",
-            *C.machine_lines(),
-            "",
-            summary,
-            "",
-            *([C.load_warning(load0, load1), ""] if C.load_warning(load0, load1) else []),
+            *C.section("Build time: spec to module (vitdsl.load + vitdsl.compile) vs timm.create_model", [summary], load0, load1),
             report,
         ])
         extra = C.notes("build_time")

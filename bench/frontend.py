@@ -341,21 +341,7 @@ def main(argv=None) -> int:
         for shape, t, ok in verdicts:
             summary.append(f"- 1000 blocks, shape `{shape}`: {t:.3f} s (target <= 1 s): **{'met' if ok else 'NOT met'}**")
         body = "\n".join([
-            "## Front end (parse, expand, infer, validate, cost)",
-            "",
-            f"Date: {C.now()}",
-            "",
-            "Command (from the repository root):",
-            "",
-            "```",
-            C.command_line(),
-            "```",
-            "",
-            *C.machine_lines(),
-            "",
-            *summary,
-            "",
-            *([C.load_warning(load0, load1), ""] if C.load_warning(load0, load1) else []),
+            *C.section("Front end (parse, expand, infer, validate, cost)", summary, load0, load1),
             report.replace("### ", "#### "),
             "",
         ])

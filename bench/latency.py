@@ -193,21 +193,7 @@ def main(argv=None) -> int:
                    + ("" if len(met) == len(verdicts) else
                       "; not met: " + "; ".join(f"{n} threads={t} batch={b} ({r:.3f}, {v})" for n, t, b, r, v in verdicts if v != "met")))
         body = "\n".join([
-            "## Forward latency, CPU: vitdsl vs timm (same weights)",
-            "",
-            f"Date: {C.now()}",
-            "",
-            "Command (from the repository root):",
-            "",
-            "```",
-            C.command_line(),
-            "```",
-            "",
-            *C.machine_lines(),
-            "",
-            summary,
-            "",
-            *([C.load_warning(load0, load1), ""] if C.load_warning(load0, load1) else []),
+            *C.section("Forward latency, CPU: vitdsl vs timm (same weights)", [summary], load0, load1),
             report,
             "",
             "GPU latency: pending (no GPU on the machine that produced these figures).",

@@ -49,7 +49,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -320,21 +319,7 @@ def replace_section(heading: str, body: str, doc: Path = C.DOC) -> Path:
                    len(lines))
         tail = "".join(lines[end:])
         text = "".join(lines[:start]) + body + ("\n" + tail if tail else "")
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".benchmarks.", suffix=".md.tmp", dir=doc.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, doc)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    C.write_doc(text, doc)
     return doc
 
 
