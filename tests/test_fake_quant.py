@@ -35,13 +35,18 @@ def test_layers_are_swapped_and_state_dict_holds_quant_params():
 
 
 def test_fake_quant_matches_the_formula():
-    fq = FakeQuant(4, signed=False)
+    # activations: symmetric, zero point 0, narrow signed grid [-7, 7] at 4 bits
+    fq = FakeQuant(4, signed=True)
     fq.set_range(torch.tensor([-1.0]), torch.tensor([2.0]))
-    scale = 3.0 / 15
-    zp = round(1.0 / scale)
-    x = torch.linspace(-1.5, 2.5, 41)
-    want = (torch.clamp(torch.round(x / scale) + zp, 0, 15) - zp) * scale
+    scale = 2.0 / 7
+    x = torch.linspace(-2.5, 2.5, 41)
+    want = torch.clamp(torch.round(x / scale), -7, 7) * scale
     torch.testing.assert_close(fq(x), want)
+    # unsigned (softmax outputs): [0, 15] at 4 bits, scale from the top of the range
+    u = FakeQuant(4, signed=False)
+    u.set_range(torch.tensor([0.0]), torch.tensor([0.75]))
+    x = torch.linspace(-0.1, 1.0, 23)
+    torch.testing.assert_close(u(x), torch.clamp(torch.round(x / 0.05), 0, 15) * 0.05)
     w = FakeQuant(8, signed=True, channels=2)
     weight = torch.tensor([[0.5, -1.0], [0.1, 0.05]])
     w.set_range(weight.min(1).values, weight.max(1).values)
@@ -63,8 +68,8 @@ def test_minmax_calibration_sets_ranges_from_the_data():
     calibrate(q, x, method="minmax")
     h.remove()
     fc2 = q.get_submodule("blocks.1.mlp.fc2")
-    lo, hi = min(seen["x"].min().item(), 0.0), max(seen["x"].max().item(), 0.0)
-    assert fc2.input_quant.scale.item() == pytest.approx((hi - lo) / 255, rel=1e-6)
+    amax = seen["x"].abs().max().item()
+    assert fc2.input_quant.scale.item() == pytest.approx(amax / 127, rel=1e-6)
     w = fc2.weight.detach()
     torch.testing.assert_close(fc2.weight_quant.scale, w.abs().max(dim=1).values / 127)
 
@@ -133,3 +138,93 @@ def test_calibration_bad_input():
     f, _ = pair("    default w8a8\n")
     with pytest.raises(ValueError, match="no quantized layers"):
         calibrate(f, torch.randn(1, 3, 32, 32))
+
+
+def _attention_operands(model, x):
+    """The float inputs of q kᵀ and A·V in blocks.0.attn, recomputed from its qkv output."""
+    attn = model.get_submodule("blocks.0.attn")
+    seen = {}
+    h = attn.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].clone()))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    B, N, C = seen["x"].shape
+    q, k, v = attn.qkv(seen["x"]).reshape(B, N, 3, attn.heads, C // attn.heads).permute(2, 0, 3, 1, 4)
+    p = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+    return q * attn.scale, k, p, v
+
+
+def test_attention_operands_are_quantized_with_the_qkv_width():
+    f, q = pair("    default w8a8\n    blocks.*.attn.qkv w8a4\n")
+    mq = q.get_submodule("blocks.0.attn.matmul_quant")
+    assert [fq.bits for fq in (mq.q, mq.k, mq.probs, mq.v)] == [4, 4, 4, 4]
+    assert (mq.q.signed, mq.probs.signed) == (True, False)  # the softmax output is unsigned
+    assert "blocks.0.attn.matmul_quant.probs.scale" in q.state_dict()
+    x = torch.randn(8, 3, 32, 32)
+    calibrate(q, x, method="minmax")
+    qs, k, p, v = _attention_operands(f, x)  # same weights: the float model's operands
+    assert mq.q.scale.item() == pytest.approx(qs.abs().max().item() / 7, rel=1e-5)
+    assert mq.k.scale.item() == pytest.approx(k.abs().max().item() / 7, rel=1e-5)
+    assert mq.v.scale.item() == pytest.approx(v.abs().max().item() / 7, rel=1e-5)
+    assert mq.probs.scale.item() == pytest.approx(p.max().item() / 15, rel=1e-5)
+    # in the quantized model, softmax sees q kᵀ on those grids (its own operands)
+    got = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, r=r: got.setdefault(r, a[0].clone()))
+             for r, m in (("q", mq.q), ("k", mq.k), ("p", mq.probs))]
+    with torch.no_grad():
+        q(x)
+    for h in hooks:
+        h.remove()
+    grid = lambda t, s, lo, hi: torch.clamp(torch.round(t / s), lo, hi) * s
+    want_p = (grid(got["q"], mq.q.scale, -7, 7) @ grid(got["k"], mq.k.scale, -7, 7).transpose(-2, -1)).softmax(-1)
+    torch.testing.assert_close(got["p"], want_p, atol=1e-6, rtol=1e-5)
+    assert torch.unique(mq.probs(got["p"]) / mq.probs.scale).round().min() >= 0  # unsigned grid
+
+
+def test_float_qkv_keeps_the_fused_kernel():
+    _, q = pair("    default w8a8\n    blocks.*.attn.qkv fp16\n")
+    assert q.get_submodule("blocks.0.attn").matmul_quant is None
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mptq"])
+def test_attention_quantization_costs_accuracy_at_low_width(method):
+    x = torch.randn(8, 3, 32, 32)
+    f, a = pair("    default w8a8\n")
+    _, b = pair("    default w8a8\n    blocks.*.attn.qkv w8a3\n")
+    calibrate(a, x, method=method)
+    calibrate(b, x, method=method)
+    with torch.no_grad():
+        ref = f(x)
+        ea, eb = (a(x) - ref).norm() / ref.norm(), (b(x) - ref).norm() / ref.norm()
+    assert eb > ea  # 3-bit operands of q kᵀ and A·V (and the qkv input) lose more
+
+
+def _small_specs():
+    import test_attention_variants as av
+    import test_mobilevit as mv
+    import test_vitaev2 as vt
+    from conftest import ROOT
+
+    with open(f"{ROOT}/specs/digits_hybrid.vit") as f:
+        hybrid = f.read()
+    return {"residual": av.SMALL.replace("RES", "residual(alpha=0.5)"), "reswin": av.RESWIN, "vitae": vt.SMALL, "mobilevit": mv.SMALL, "digits_hybrid": hybrid}
+
+
+@pytest.mark.parametrize("kind", ["residual", "reswin", "vitae", "mobilevit", "digits_hybrid"])
+def test_every_attention_kind_quantizes_its_operands(kind):
+    """Windowed, residual, ViTAE cell and MobileViT attention all get operand quantizers
+    and, at w8a8, stay close to the float model after calibration."""
+    text = _small_specs()[kind]
+    body = text.rstrip()
+    qtext = body[:-1] + "  bits {\n    default w8a8\n  }\n}\n"
+    f = vitdsl.compile(vitdsl.loads(text)).eval()
+    qm = vitdsl.compile(vitdsl.loads(qtext)).eval()
+    qm.load_state_dict(f.state_dict(), strict=False)
+    owners = [n for n, m in qm.named_modules() if hasattr(m, "matmul_quant") and isinstance(getattr(m, "qkv", None), QuantLinear)]
+    assert owners and all(qm.get_submodule(n).matmul_quant is not None for n in owners)
+    shape = f.graph.input.out.shape
+    x = torch.randn(4, *shape)
+    calibrate(qm, x, method="minmax")
+    with torch.no_grad():
+        ref, got = f(x), qm(x)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.1

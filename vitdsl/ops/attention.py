@@ -190,6 +190,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.grid, self.prefix, self.window, self.shift = grid, prefix, window, shift
         self.residual, self.has_prev = residual, has_prev
+        self.matmul_quant = None  # vitdsl.quant.fake.AttnQuant when the qkv layer is integer-quantized
         if residual is not None and residual.mode == "per_block":
             self.alpha = nn.Parameter(torch.full((1,), residual.alpha))
         if window is not None:
@@ -223,11 +224,12 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B_, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B_, nh, N, hs)
         bias, mask = self._bias(), self._mask(B_)
+        mq = self.matmul_quant
         if self.residual is None:
             add = bias if mask is None else (mask if bias is None else bias + mask)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=add)  # softmax(q k^T/sqrt(hs) + B + M) v
+            out = self._sdpa(q, k, v, add)  # softmax(q k^T/sqrt(hs) + B + M) v
             return out.transpose(1, 2).reshape(B_, N, C), None
-        s = (q * self.scale) @ k.transpose(-2, -1)  # S_l: (B_, nh, N, N)
+        s = (q * self.scale) @ k.transpose(-2, -1) if mq is None else mq.scores(q, k, self.scale)  # S_l: (B_, nh, N, N)
         if bias is not None:
             s = s + bias
         if prev is not None:  # ReViT Eq. 5: Ŝ_l = α S_l + (1 - α) Ŝ_{l-1}
@@ -237,12 +239,18 @@ class Attention(nn.Module):
         mixed = s  # handed on without the shift mask, as in the official ReSwin code
         if self.residual.mode == "fixed" and self.residual.alpha == 1.0:  # Ŝ_l = S_l: plain attention, exactly
             add = bias if mask is None else (mask if bias is None else bias + mask)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=add)
+            out = self._sdpa(q, k, v, add)
             return out.transpose(1, 2).reshape(B_, N, C), mixed
         if mask is not None:
             s = s + mask
-        out = s.softmax(dim=-1) @ v
+        out = s.softmax(dim=-1) @ v if mq is None else mq.mix(s.softmax(dim=-1), v)
         return out.transpose(1, 2).reshape(B_, N, C), mixed
+
+    def _sdpa(self, q, k, v, add):
+        """The fused kernel, or the quantized product written out."""
+        if self.matmul_quant is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=add)
+        return self.matmul_quant(q, k, v, add, self.scale)
 
     def forward(self, x, *extra):
         alpha = prev = None

@@ -49,11 +49,15 @@ class PatchAttention(nn.Module):
         inner = heads * head_dim
         self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
         self.proj = nn.Linear(inner, dim)
+        self.matmul_quant = None  # vitdsl.quant.fake.AttnQuant when the qkv layer is integer-quantized
 
     def forward(self, x):
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        if self.matmul_quant is None:
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        else:
+            x = self.matmul_quant(q, k, v, None, self.head_dim ** -0.5)
         return self.proj(x.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
 
 

@@ -300,6 +300,7 @@ class CellAttention(nn.Module):
         self.qkv = nn.Linear(cin, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.relative_position_bias_table = None
+        self.matmul_quant = None  # vitdsl.quant.fake.AttnQuant when the qkv layer is integer-quantized
         if window is not None:
             self.pads = (centred_pad(grid[0], window), centred_pad(grid[1], window))
             if relpos:  # Swin Eq. 4, as in the official WindowAttention with relative_pos=True
@@ -316,7 +317,10 @@ class CellAttention(nn.Module):
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         B_, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B_, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias())  # scale d^-1/2, d = out / heads
+        if self.matmul_quant is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias())  # scale d^-1/2, d = out / heads
+        else:
+            y = self.matmul_quant(q, k, v, self._bias(), q.shape[-1] ** -0.5)
         y = self.proj(y.transpose(1, 2).reshape(B_, N, -1))
         if self.vskip:  # v merged back head-major, as the official Token_transformer does
             y = y + v.transpose(1, 2).reshape(B_, N, -1)

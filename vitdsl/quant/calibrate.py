@@ -3,7 +3,7 @@
     vitdsl.quant.calibrate(model, data, method="minmax" | "percentile")
 
 Weights: per output channel, from the weights themselves (the largest magnitude).
-Layer inputs: per tensor, from the calibration data:
+Layer inputs and attention operands: per tensor, from the calibration data:
   - minmax: the smallest and largest value seen (the baseline);
   - percentile: the p-th and (100-p)-th percentiles of the values seen (p=99.99 by
     default), which clips rare outliers.
@@ -14,6 +14,7 @@ Layer inputs: per tensor, from the calibration data:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -33,6 +34,26 @@ def _batches(data) -> Iterable[torch.Tensor]:
         yield b[0] if isinstance(b, (tuple, list)) else b
 
 
+def activation_quantizers(model: nn.Module) -> dict[str, FakeQuant]:
+    """Every quantizer that sees activations (not weights), by module name: layer inputs
+    (`blocks.0.mlp.fc1.input_quant`) and attention operands (`blocks.0.attn.matmul_quant.q`)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, FakeQuant) and not n.endswith("weight_quant")}
+
+
+@contextmanager
+def float_run(model: nn.Module):
+    """Every quantizer passes its input through unchanged (calibration sees the float model)."""
+    qs = [m for m in model.modules() if isinstance(m, FakeQuant)]
+    for q in qs:
+        q.bypass = True
+    try:
+        yield
+    finally:
+        for q in qs:
+            q.bypass = False
+
+
 def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float = 99.99, progress=None) -> nn.Module:
     """Set the scales of every fake-quantized layer of `model` from `data` (a tensor of
     images, or an iterable of batches).  Returns the model, in eval mode."""
@@ -48,16 +69,12 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
         for _, m in layers:  # weights: symmetric per output channel, largest magnitude
             w = m.weight.flatten(1)
             m.weight_quant.set_range(w.min(dim=1).values, w.max(dim=1).values)
-    stats: dict[str, list] = {n: [] for n, _ in layers}
+    acts = activation_quantizers(model)
+    stats: dict[str, list] = {n: [] for n in acts}
     gen = torch.Generator().manual_seed(0)
 
     def observe(name):
-        def pre_hook(mod, args):
-            x = args[0]
-            if getattr(mod, "pool", None) is not None:
-                from ..ops.io import _pool
-
-                x = _pool(x, mod.pool, mod.prefix)
+        def record(x: torch.Tensor) -> None:
             x = x.detach().float().flatten()
             if method == "minmax":
                 stats[name].append((x.min(), x.max()))
@@ -65,14 +82,13 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
                 if x.numel() > _SAMPLE:
                     x = x[torch.randint(0, x.numel(), (_SAMPLE,), generator=gen)]
                 stats[name].append(x)
-        return pre_hook
+        return record
 
-    hooks = [m.register_forward_pre_hook(observe(n)) for n, m in layers]
-    for _, m in layers:
-        m.input_quant.bypass = True
     seen = 0
     try:
-        with torch.no_grad():
+        for n, q in acts.items():
+            q.observer = observe(n)
+        with torch.no_grad(), float_run(model):
             for i, batch in enumerate(_batches(data)):
                 if batch.dim() != 4:
                     raise ValueError(f"calibration batches are images (B, C, H, W); got shape {tuple(batch.shape)}")
@@ -85,13 +101,13 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
                 if progress:
                     progress(i + 1)
     finally:
-        for h in hooks:
-            h.remove()
-        for _, m in layers:
-            m.input_quant.bypass = False
+        for q in acts.values():
+            q.observer = None
     if seen == 0:
         raise ValueError("the calibration set is empty")
-    for name, m in layers:
+    for name, q in acts.items():
+        if not stats[name]:
+            raise ValueError(f"quantizer {name} saw no data during calibration")
         if method == "minmax":
             lo = torch.stack([s[0] for s in stats[name]]).min()
             hi = torch.stack([s[1] for s in stats[name]]).max()
@@ -99,7 +115,7 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
             v = torch.cat(stats[name])
             lo = torch.quantile(v, 1 - percentile / 100)
             hi = torch.quantile(v, percentile / 100)
-        m.input_quant.set_range(lo.reshape(1), hi.reshape(1))
+        q.set_range(lo.reshape(1), hi.reshape(1))
     return model
 
 
@@ -120,14 +136,8 @@ def _mptq(model: nn.Module, data: torch.Tensor, layers, progress) -> nn.Module:
     graph = getattr(model, "graph", None)
     if graph is not None and tuple(data.shape[1:]) != tuple(graph.input.out.shape):
         raise ValueError(f"calibration images are {'x'.join(map(str, data.shape[1:]))}, the model's input is {graph.input.out}")
-    quantizers = [q for _, m in layers for q in (m.input_quant, m.weight_quant)]
-    for q in quantizers:
-        q.bypass = True
-    try:
-        if graph is not None:
+    if graph is not None:
+        with float_run(model):
             fold_sqb(model, data)  # SQ-b first: it changes the weights the ranges are chosen for
-    finally:
-        for q in quantizers:
-            q.bypass = False
     LayerCalibrator(model, data).calibrate_all(progress=(lambda i, n: progress(i)) if progress else None)
     return model.eval()

@@ -1,15 +1,20 @@
 """Fake quantization for the torch backend: uniform quantize-dequantize with a
 straight-through estimator, so a quantized model runs in float and can be fine-tuned.
 
-What is quantized (docs/quantization.md):
+What is quantized (docs/quantization.md).  Every quantizer is zero-point free
+(TensorRT's convention, so an export is a plain Q/DQ pair):
   - linear and conv weights: symmetric, per output channel, signed narrow range
-    [-(2^(b-1)-1), 2^(b-1)-1] (TensorRT's convention, zero point 0);
-  - the input of every linear and conv: per tensor, asymmetric, [0, 2^b - 1] with a
-    zero point;
+    [-(2^(b-1)-1), 2^(b-1)-1];
+  - the input of every linear and conv: symmetric, per tensor, the same range;
+  - attention, when its qkv layer is integer-quantized: both operands of QK^T and of
+    A.V, per tensor, at the qkv layer's activation width; the softmax output A is
+    unsigned, [0, 2^b - 1] (AttnQuant);
   - layers marked fp16/bf16 compute in that type (inputs and weights are cast).
-Scales and zero points are buffers, so they live in the state dict.
+Scales are buffers, so they live in the state dict.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -22,26 +27,32 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class FakeQuant(nn.Module):
-    """Quantize-dequantize x with the stored scale and zero point.
+    """Quantize-dequantize x with the stored scale: q = clamp(round(x / s), qmin, qmax) * s.
 
+    signed: [-(2^(b-1)-1), 2^(b-1)-1]; unsigned (softmax outputs): [0, 2^b - 1].
     `channels` > 1 means one scale per slice along dim 0 (weights, per output channel).
     """
 
     def __init__(self, bits: int, signed: bool, channels: int = 1):
         super().__init__()
-        self.bits, self.signed = bits, signed
-        self.qmin = -(2 ** (bits - 1) - 1) if signed else 0
-        self.qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+        self.signed = signed
+        self.set_bits(bits)
         self.register_buffer("scale", torch.ones(channels))
-        self.register_buffer("zero_point", torch.zeros(channels))
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
         # Twin-range mode (MPTQ-ViT §3.2, OPT-m): when > 0, negatives use this step and
         # positives use `scale` = 2^m * neg_scale, each on its half of a signed grid.
         self.register_buffer("neg_scale", torch.zeros(1))
-        self.bypass = False  # calibration observes float inputs
+        self.bypass = False  # calibration runs the float model
+        self.observer: Callable[[torch.Tensor], None] | None = None  # sees the float input while set
         # Python mirrors of the two flags, so forward has no data-dependent branch
         # (torch.export traces it); kept in sync by set_range/set_twin and state-dict loads.
         self._ready, self._twin = False, False
+
+    def set_bits(self, bits: int) -> None:
+        """Change the width (the scale must be recalibrated)."""
+        self.bits = bits
+        self.qmin = -(2 ** (bits - 1) - 1) if self.signed else 0
+        self.qmax = 2 ** (bits - 1) - 1 if self.signed else 2**bits - 1
 
     def _sync(self) -> None:
         self._ready, self._twin = bool(self.calibrated), bool((self.neg_scale > 0).any())
@@ -51,22 +62,17 @@ class FakeQuant(nn.Module):
         self._sync()
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, {'signed per-channel' if self.signed else 'unsigned per-tensor'}"
+        kind = "signed" if self.signed else "unsigned"
+        return f"bits={self.bits}, {kind} per-{'channel' if self.scale.numel() > 1 else 'tensor'}"
 
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return t.view(-1, *([1] * (x.dim() - 1))) if t.numel() > 1 else t
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Scale (and zero point) that map [lo, hi] onto the integer grid."""
-        if self.signed:  # symmetric: the larger magnitude sets the scale
-            amax = torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-12)
-            self.scale.copy_(amax / self.qmax)
-            self.zero_point.zero_()
-        else:
-            lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
-            scale = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(1e-12)
-            self.scale.copy_(scale)
-            self.zero_point.copy_((self.qmin - lo / scale).round().clamp(self.qmin, self.qmax))
+        """The scale that maps [lo, hi] into the grid without clipping: symmetric, so the
+        larger magnitude decides (unsigned grids only look at hi)."""
+        amax = torch.maximum(lo.abs(), hi.abs()) if self.signed else hi.clamp_min(0)
+        self.scale.copy_(amax.clamp_min(1e-12) / self.qmax)
         self.neg_scale.zero_()
         self.calibrated.fill_(True)
         self._sync()
@@ -74,7 +80,6 @@ class FakeQuant(nn.Module):
     def set_twin(self, pos_scale: float, m: int) -> None:
         """Twin-range quantizer for post-GELU inputs: Δ+ = pos_scale, Δ- = Δ+ / 2^m."""
         self.scale.fill_(pos_scale)
-        self.zero_point.zero_()
         self.neg_scale.fill_(pos_scale / 2**m)
         self.calibrated.fill_(True)
         self._sync()
@@ -86,15 +91,49 @@ class FakeQuant(nn.Module):
         return torch.where(x < 0, neg, pos)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(x)
+            return x
         if self.bypass:
             return x
         if not self._ready:
             raise RuntimeError("this model has quantized layers without ranges: run vitdsl.quant.calibrate(model, data) first")
         if self._twin:
             return self.twin(x)
-        s, z = self._view(self.scale, x), self._view(self.zero_point, x)
-        q = torch.clamp(round_ste(x / s) + z, self.qmin, self.qmax)
-        return (q - z) * s
+        s = self._view(self.scale, x)
+        return torch.clamp(round_ste(x / s), self.qmin, self.qmax) * s
+
+
+class AttnQuant(nn.Module):
+    """The quantized attention product: both operands of S = (q·scale) kᵀ and of A·V are
+    fake-quantized per tensor (signed), and A = softmax(S) on an unsigned grid, since it
+    lies in [0, 1].  The products are written out (no fused kernel), so each MatMul's
+    inputs are visible to an exporter."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.q, self.k, self.v = (FakeQuant(bits, signed=True) for _ in range(3))
+        self.probs = FakeQuant(bits, signed=False)
+
+    def quantizers(self) -> list[FakeQuant]:
+        return [self.q, self.k, self.probs, self.v]
+
+    def set_bits(self, bits: int) -> None:
+        for fq in self.quantizers():
+            fq.set_bits(bits)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.q(q * scale) @ self.k(k).transpose(-2, -1)
+
+    def mix(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.probs(probs) @ self.v(v)
+
+    def forward(self, q, k, v, add: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """softmax((q·scale) kᵀ + add) v, as F.scaled_dot_product_attention computes it."""
+        s = self.scores(q, k, scale)
+        if add is not None:
+            s = s + add
+        return self.mix(s.softmax(dim=-1), v)
 
 
 class QuantLinear(nn.Linear):
@@ -107,7 +146,7 @@ class QuantLinear(nn.Linear):
             if k not in self.__dict__ and not k.startswith("_"):
                 self.__dict__[k] = v
         self.weight_quant = FakeQuant(wbits, signed=True, channels=src.out_features)
-        self.input_quant = FakeQuant(abits, signed=False)
+        self.input_quant = FakeQuant(abits, signed=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "pool", None) is not None:  # the classifier head pools first
@@ -125,7 +164,7 @@ class QuantConv2d(nn.Conv2d):
                          src.dilation, src.groups, bias=src.bias is not None, device=src.weight.device)
         self.weight, self.bias = src.weight, src.bias
         self.weight_quant = FakeQuant(wbits, signed=True, channels=src.out_channels)
-        self.input_quant = FakeQuant(abits, signed=False)
+        self.input_quant = FakeQuant(abits, signed=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.input_quant(x), self.weight_quant(self.weight), self.bias)
@@ -169,7 +208,19 @@ def apply_bits(model: nn.Module, bits: dict) -> nn.Module:
         else:
             new = QuantLinear(layer, spec.weight, spec.act)
         parent._modules[leaf] = new
+        if leaf == "qkv" and spec.float_type is None and hasattr(parent, "matmul_quant"):
+            parent.matmul_quant = AttnQuant(spec.act)  # QKᵀ and A·V at the qkv layer's input width
     return model
+
+
+def attn_quant_of(model: nn.Module, layer: str) -> AttnQuant | None:
+    """The attention quantizers that belong to quantized layer `layer` (a qkv layer), if any."""
+    parent_name, _, leaf = layer.rpartition(".")
+    if leaf != "qkv":
+        return None
+    parent = model.get_submodule(parent_name) if parent_name else model
+    mq = getattr(parent, "matmul_quant", None)
+    return mq if isinstance(mq, AttnQuant) else None
 
 
 class _FloatCastInPlace:

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .mptq import LayerCalibrator, kl_to_reference, restore, set_bits, snapshot
+from .mptq import LayerCalibrator, kl_to_reference
 
 CANDIDATES = (4, 5, 6, 8)
 
@@ -41,25 +41,25 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
     names = [n for n in cal.layers if n in sizes]
     state = {n: [cands[-1], cands[-1]] for n in names}
     for n in names:
-        set_bits(cal.layers[n], cands[-1], cands[-1])
+        cal.set_bits(n, cands[-1], cands[-1])
         cal.calibrate(n)
     loss = kl_to_reference(model, data, ref_logits)
     cost: dict[tuple[str, int], tuple[float, float, tuple]] = {}  # (Δloss, bytes saved, trial state)
 
     def apply(n: str) -> None:
-        set_bits(cal.layers[n], state[n][0], state[n][1])
+        cal.set_bits(n, state[n][0], state[n][1])
         cal.calibrate(n)
 
     def measure(n: str, k: int) -> tuple[float, float, tuple]:
         old = state[n][k]
         new = cands[cands.index(old) - 1]
-        snap = snapshot(cal.layers[n])
+        snap = cal.snapshot(n)
         state[n][k] = new
         apply(n)
         trial = kl_to_reference(model, data, ref_logits)
-        trial_state = snapshot(cal.layers[n])  # reused if this step is taken
+        trial_state = cal.snapshot(n)  # reused if this step is taken
         state[n][k] = old
-        restore(cal.layers[n], snap)
+        cal.restore(n, snap)
         saved = sizes[n][k] * (old - new) / 8  # bytes per image (inputs) or in the model (weights)
         return trial - loss, saved, trial_state
 
@@ -83,7 +83,7 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
             break
         _, n, k = best
         state[n][k] = cands[cands.index(state[n][k]) - 1]
-        restore(cal.layers[n], cost[(n, k)][2])
+        cal.restore(n, cost[(n, k)][2])
         loss = cost[(n, k)][0] + loss
         cost.pop((n, 0), None)
         cost.pop((n, 1), None)

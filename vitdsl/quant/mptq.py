@@ -6,7 +6,8 @@ Quantization for Vision Transformer", 2024).
   Δ+ = 2^m·Δ-, with m (and Δ+) chosen per layer from a grid by the error of the
   layer's output on calibration data.
 - The same output-error search picks every other layer's input range (a clipping
-  factor on the min/max range).
+  factor on the min/max range), and the ranges of the attention operands (q, k by the
+  error of q kᵀ; softmax output and v by the error of A·V).
 - Greedy MP (§3.3): see `greedy_mixed_precision`.
 
 The search is deterministic: the calibration rows kept per layer are a fixed stride
@@ -20,12 +21,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fake import QuantConv2d, QuantLinear
+from .fake import AttnQuant, FakeQuant, QuantConv2d, QuantLinear, attn_quant_of
 
 CLIPS = tuple(round(0.3 + 0.1 * i, 1) for i in range(8))  # 0.3 .. 1.0 of the observed range
 M_GRID = tuple(range(0, 6))
 MAX_ROWS = 512  # tokens (linear) kept per layer for the output-error search
 MAX_IMAGES = 4  # images (conv) kept per layer
+ATTN_IMAGES = 2  # images' worth of attention operands kept per attention
+ROLES = ("q", "k", "probs", "v")  # AttnQuant.quantizers() order
 
 
 def _is_post_gelu(model: nn.Module, name: str) -> bool:
@@ -36,12 +39,24 @@ def _is_post_gelu(model: nn.Module, name: str) -> bool:
 
 class LayerCalibrator:
     """Holds each quantized layer's float inputs and sets its quantizer ranges by
-    output error; reused by the mixed-precision search when a layer's width changes."""
+    output error; reused by the mixed-precision search when a layer's width changes.
+
+    A qkv layer owns its attention's operand quantizers (AttnQuant): they share its
+    activation width and are calibrated with it."""
 
     def __init__(self, model: nn.Module, data: torch.Tensor, method: str = "mptq"):
+        from .calibrate import float_run
+
         self.model, self.method = model, method
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+        self.attn: dict[str, AttnQuant] = {}
+        for n in self.layers:
+            aq = attn_quant_of(model, n)
+            if aq is not None:
+                self.attn[n] = aq
         self.inputs: dict[str, torch.Tensor] = {}
+        self.attn_inputs: dict[str, dict[str, torch.Tensor]] = {}
+        images = data[: max(MAX_IMAGES, 8)]
         hooks = []
         for n, m in self.layers.items():
             def pre(mod, args, n=n):
@@ -57,17 +72,21 @@ class LayerCalibrator:
                     step = max(1, rows.shape[0] // MAX_ROWS)
                     self.inputs.setdefault(n, rows[::step][:MAX_ROWS].clone())
             hooks.append(m.register_forward_pre_hook(pre))
-        quantizers = [q for m in self.layers.values() for q in (m.input_quant, m.weight_quant)]
-        for q in quantizers:
-            q.bypass = True
+        for n, aq in self.attn.items():
+            for role, fq in zip(ROLES, aq.quantizers()):
+                def keep(x, n=n, role=role):  # the first ATTN_IMAGES images' (windows') worth
+                    rows = max(1, x.shape[0] // len(images) * ATTN_IMAGES)
+                    self.attn_inputs.setdefault(n, {}).setdefault(role, x[:rows].detach().clone())
+                fq.observer = keep
         try:
-            with torch.no_grad():
-                model.eval()(data[: max(MAX_IMAGES, 8)])
+            with torch.no_grad(), float_run(model):
+                model.eval()(images)
         finally:
             for h in hooks:
                 h.remove()
-            for q in quantizers:
-                q.bypass = False
+            for aq in self.attn.values():
+                for fq in aq.quantizers():
+                    fq.observer = None
 
     def _out(self, m: nn.Module, x: torch.Tensor, w: torch.Tensor, quant_input: bool) -> torch.Tensor:
         xin = m.input_quant(x) if quant_input else x
@@ -75,43 +94,73 @@ class LayerCalibrator:
             return m._conv_forward(xin, w, m.bias)
         return F.linear(xin, w, m.bias)
 
+    def _fixed_range(self, fq: FakeQuant, x: torch.Tensor) -> None:
+        """minmax / percentile from the kept inputs, no search."""
+        v = x.flatten()
+        lo, hi = (v.min(), v.max()) if self.method == "minmax" else (torch.quantile(v, 1e-4), torch.quantile(v, 1 - 1e-4))
+        fq.set_range(lo.reshape(1), hi.reshape(1))
+
+    @staticmethod
+    def _search(fq: FakeQuant, x: torch.Tensor, out: Callable[[], torch.Tensor], ref: torch.Tensor) -> float:
+        """The clipping factor of x's range that minimises the MSE of `out()` against `ref`."""
+        lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+        best = (float("inf"), 1.0)
+        for c in CLIPS:
+            fq.set_range((c * lo).reshape(1), (c * hi).reshape(1))
+            err = (out() - ref).pow(2).mean().item()
+            if err < best[0]:
+                best = (err, c)
+        fq.set_range((best[1] * lo).reshape(1), (best[1] * hi).reshape(1))
+        return best[0]
+
     @torch.no_grad()
     def calibrate(self, name: str) -> float:
-        """Set layer `name`'s weight and input ranges; returns the chosen output MSE."""
+        """Set layer `name`'s weight and input ranges (and its attention's, for a qkv
+        layer); returns the chosen output MSE of the layer."""
         m = self.layers[name]
         w = m.weight.flatten(1)
         m.weight_quant.set_range(w.min(dim=1).values, w.max(dim=1).values)
+        if name in self.attn:
+            self._calibrate_attn(name)
         x = self.inputs[name]
-        if self.method != "mptq":  # minmax / percentile from the kept inputs, no search
-            v = x.flatten()
-            lo, hi = (v.min(), v.max()) if self.method == "minmax" else (torch.quantile(v, 1e-4), torch.quantile(v, 1 - 1e-4))
-            m.input_quant.set_range(lo.reshape(1), hi.reshape(1))
+        if self.method != "mptq":
+            self._fixed_range(m.input_quant, x)
             return 0.0
         ref = self._out(m, x, m.weight, quant_input=False)
         wq = m.weight_quant(m.weight)  # fixed during the input search
-        lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
-        best = (float("inf"), None)
         q = m.input_quant
-        if _is_post_gelu(self.model, name):  # OPT-m
-            half = 2 ** (q.bits - 1) - 1
-            for c in CLIPS:
-                for mm in M_GRID:
-                    q.set_twin(float(c * hi / half), mm)
-                    err = (self._out(m, x, wq, True) - ref).pow(2).mean().item()
-                    if err < best[0]:
-                        best = (err, ("twin", float(c * hi / half), mm))
-        else:
-            for c in CLIPS:
-                q.set_range((c * lo).reshape(1), (c * hi).reshape(1))
+        if not _is_post_gelu(self.model, name):
+            return self._search(q, x, lambda: self._out(m, x, wq, True), ref)
+        half = 2 ** (q.bits - 1) - 1  # OPT-m: twin range, m and Δ+ from a grid
+        hi = x.max().clamp(min=0)
+        best = (float("inf"), None)
+        for c in CLIPS:
+            for mm in M_GRID:
+                q.set_twin(float(c * hi / half), mm)
                 err = (self._out(m, x, wq, True) - ref).pow(2).mean().item()
                 if err < best[0]:
-                    best = (err, ("range", c, None))
-        kind, a, b = best[1]
-        if kind == "twin":
-            q.set_twin(a, b)
-        else:
-            q.set_range((a * lo).reshape(1), (a * hi).reshape(1))
+                    best = (err, (float(c * hi / half), mm))
+        q.set_twin(*best[1])
         return best[0]
+
+    def _calibrate_attn(self, name: str) -> None:
+        """Operands of S = q kᵀ, then of A·V, each range chosen by the error of its own
+        product (the other operand float first, then quantized), as for the layers."""
+        aq, t = self.attn[name], self.attn_inputs[name]
+        q, k, p, v = (t[r] for r in ROLES)
+        if self.method != "mptq":
+            for role, fq in zip(ROLES, aq.quantizers()):
+                self._fixed_range(fq, t[role])
+            return
+        kt = k.transpose(-2, -1)
+        ref = q @ kt
+        self._search(aq.q, q, lambda: aq.q(q) @ kt, ref)
+        qq = aq.q(q)
+        self._search(aq.k, k, lambda: qq @ aq.k(k).transpose(-2, -1), ref)
+        ref = p @ v
+        self._search(aq.probs, p, lambda: aq.probs(p) @ v, ref)
+        pq = aq.probs(p)
+        self._search(aq.v, v, lambda: pq @ aq.v(v), ref)
 
     def calibrate_all(self, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
         errs = {}
@@ -121,6 +170,30 @@ class LayerCalibrator:
                 progress(i + 1, len(self.layers))
         return errs
 
+    # -- width changes for the mixed-precision search -----------------------------
+    def quantizers(self, name: str) -> list[FakeQuant]:
+        m = self.layers[name]
+        return [m.weight_quant, m.input_quant] + (self.attn[name].quantizers() if name in self.attn else [])
+
+    def set_bits(self, name: str, wbits: int | None = None, abits: int | None = None) -> None:
+        """Change a layer's widths in place (its ranges must be recalibrated)."""
+        m = self.layers[name]
+        if wbits is not None:
+            m.weight_quant.set_bits(wbits)
+        if abits is not None:
+            m.input_quant.set_bits(abits)
+            if name in self.attn:
+                self.attn[name].set_bits(abits)
+
+    def snapshot(self, name: str) -> tuple:
+        """A layer's quantizer state (widths and buffers), to undo a trial cheaply."""
+        return tuple((q.bits, {k: v.clone() for k, v in q.state_dict().items()}) for q in self.quantizers(name))
+
+    def restore(self, name: str, snap: tuple) -> None:
+        for q, (bits, buffers) in zip(self.quantizers(name), snap):
+            q.set_bits(bits)
+            q.load_state_dict(buffers)  # also re-syncs the quantizer's python flags
+
 
 def kl_to_reference(model: nn.Module, data: torch.Tensor, ref_logits: torch.Tensor) -> float:
     """Mean KL(p_fp32 || p_quant) of the logits over the calibration images."""
@@ -128,25 +201,3 @@ def kl_to_reference(model: nn.Module, data: torch.Tensor, ref_logits: torch.Tens
         logq = F.log_softmax(model(data), dim=-1)
         logp = F.log_softmax(ref_logits, dim=-1)
         return float((logp.exp() * (logp - logq)).sum(-1).mean())
-
-
-def set_bits(m: nn.Module, wbits: int | None = None, abits: int | None = None) -> None:
-    """Change a quantized layer's widths in place (its ranges must be recalibrated)."""
-    for q, b in ((m.weight_quant, wbits), (m.input_quant, abits)):
-        if b is None:
-            continue
-        q.bits = b
-        q.qmin = -(2 ** (b - 1) - 1) if q.signed else 0
-        q.qmax = 2 ** (b - 1) - 1 if q.signed else 2**b - 1
-
-
-def snapshot(m: nn.Module) -> tuple:
-    """A layer's quantizer state (widths and buffers), to undo a trial cheaply."""
-    qs = (m.weight_quant, m.input_quant)
-    return tuple((q.bits, q.qmin, q.qmax, {k: v.clone() for k, v in q.state_dict().items()}) for q in qs)
-
-
-def restore(m: nn.Module, snap: tuple) -> None:
-    for q, (bits, qmin, qmax, buffers) in zip((m.weight_quant, m.input_quant), snap):
-        q.bits, q.qmin, q.qmax = bits, qmin, qmax
-        q.load_state_dict(buffers)  # also re-syncs the quantizer's python flags
