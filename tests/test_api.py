@@ -1,4 +1,5 @@
 """The programmatic API: graphs without text, and user-registered ops."""
+import math
 import pytest
 import torch
 import torch.nn as nn
@@ -95,3 +96,48 @@ def test_graph_is_a_networkx_digraph_with_residual_edges():
     assert g.nx.has_edge("tokens", "blocks.0.res1")  # the residual (skip) edge
     assert g.nx.edges["tokens", "blocks.0.res1"]["slot"] == 0
     assert g.node("blocks.0.attn").out.shape == (17, 64)
+
+
+class _Mixer(torch.nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(c, c)  # left at PyTorch's default initialisation
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@vitdsl.register_op
+class DefaultInitMixer(vitdsl.OpDef):
+    """A user op whose builder relies on nn.Linear's default initialisation."""
+
+    kind = "definit"
+    default_name = "mix"
+
+    class Attrs(vitdsl.Attrs):
+        pass
+
+    def cost(self, node, ins, out):
+        c = out.channels
+        return vitdsl.Cost(params=c * c + c, macs=out.numel * c, act_bytes=4 * out.numel)
+
+    def build_torch(self, node, ins, out):
+        return _Mixer(out.channels)
+
+
+def test_a_builder_that_relies_on_default_init_still_gets_it():
+    """compile() skips PyTorch's default init for layers the builders overwrite; a layer
+    nobody initialises must still get kaiming-uniform weights and a uniform bias
+    (nn.Linear.reset_parameters' distribution), never uninitialised memory."""
+    g = vitdsl.loads(TINY.replace("  norm layernorm", "  definit\n  norm layernorm"))
+    fc = vitdsl.compile(g).get_submodule("mix.fc")
+    c = fc.in_features
+    bound = 1 / math.sqrt(c)  # kaiming_uniform_(a=sqrt(5)) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    for t in (fc.weight, fc.bias):
+        assert torch.isfinite(t).all()
+        assert t.abs().max() <= bound and t.abs().max() > 0.5 * bound
+        assert abs(t.std().item() - bound / math.sqrt(3)) < 0.35 * bound / math.sqrt(3)
+    # the builders' own layers: timm's truncated normal, std 0.02, and no NaN left anywhere
+    model = vitdsl.compile(vitdsl.loads(TINY))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert abs(model.get_submodule("blocks.0.mlp.fc1").weight.std().item() - 0.02) < 0.002

@@ -27,6 +27,7 @@ from ..errors import SpecError
 from ..types import Cost, TensorType
 from ..values import CallValue
 from .base import Attrs, OpDef, register_op
+from .init import trunc_normal
 
 
 # ------------------------------------------------------------------ attribute values
@@ -392,11 +393,11 @@ class AttentionOp(OpDef):
                       window=window, shift=shift, relpos=a.attn.relpos == "table",
                       residual=a.residual, has_prev=any(i.endswith("#scores") for i in node.inputs))
         for lin in (m.qkv, m.proj):
-            nn.init.trunc_normal_(lin.weight, std=0.02)
+            trunc_normal(lin.weight, std=0.02)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
         if getattr(m, "relative_position_bias_table", None) is not None:
-            nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+            trunc_normal(m.relative_position_bias_table, std=0.02)
         return m
 
     def workspace(self, node, ins, out):

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from ..types import Cost, TensorType
 from .base import Attrs, OpDef, register_op
+from .init import trunc_normal
 
 
 class PatchEmbed(nn.Module):
@@ -58,7 +59,7 @@ class Embed(OpDef):
     def build_torch(self, node, ins, out):
         a = node.attrs
         m = PatchEmbed(ins[0].channels, a.dim, a.size, a.bias, a.norm, a.eps)
-        nn.init.trunc_normal_(m.proj.weight, std=0.02)
+        trunc_normal(m.proj.weight, std=0.02)
         if m.proj.bias is not None:
             nn.init.zeros_(m.proj.bias)
         return m
@@ -118,7 +119,7 @@ class TokensOp(OpDef):
         a = node.attrs
         m = Tokens(ins[0].channels, ins[0].shape[0], a.cls, a.dist, a.pos, a.pos_prefix)
         if m.pos_embed is not None:
-            nn.init.trunc_normal_(m.pos_embed, std=0.02)
+            trunc_normal(m.pos_embed, std=0.02)
         for t in (m.cls_token, m.dist_token):
             if t is not None:
                 nn.init.normal_(t, std=1e-6)

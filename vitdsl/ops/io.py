@@ -10,6 +10,7 @@ from pydantic import Field
 from ..interop.timm import RENAMES
 from ..types import Cost, TensorType
 from .base import Attrs, OpDef, register_op
+from .init import trunc_normal
 
 
 @register_op
@@ -130,7 +131,7 @@ class Head(OpDef):
     def build_torch(self, node, ins, out):
         a = node.attrs
         m = HeadLinear(ins[0].channels, a.classes, a.bias, a.pool, ins[0].prefix if ins[0].kind == "tokens" else 0)
-        nn.init.trunc_normal_(m.weight, std=0.02)
+        trunc_normal(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
         return m

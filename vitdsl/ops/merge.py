@@ -11,6 +11,7 @@ from pydantic import Field
 
 from ..types import Cost, TensorType
 from .base import Attrs, OpDef, register_op
+from .init import trunc_normal
 
 
 class PatchMerging(nn.Module):
@@ -57,7 +58,7 @@ class Merge(OpDef):
 
     def build_torch(self, node, ins, out):
         m = PatchMerging(ins[0].channels, out.channels, ins[0].grid, node.attrs.eps)
-        nn.init.trunc_normal_(m.reduction.weight, std=0.02)
+        trunc_normal(m.reduction.weight, std=0.02)
         return m
 
     def workspace(self, node, ins, out):

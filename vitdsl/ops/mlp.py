@@ -8,6 +8,7 @@ from pydantic import Field
 
 from ..types import Cost
 from .base import Attrs, OpDef, register_op
+from .init import trunc_normal
 
 ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),
@@ -61,7 +62,7 @@ class MlpOp(OpDef):
         c = out.channels
         m = Mlp(c, self.hidden(node, c), node.attrs.act, node.attrs.bias)
         for lin in (m.fc1, m.fc2):
-            nn.init.trunc_normal_(lin.weight, std=0.02)
+            trunc_normal(lin.weight, std=0.02)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
         return m

@@ -32,6 +32,7 @@ from pydantic import Field, field_validator
 from ..interop.timm import RENAMES
 from ..types import Cost
 from .base import Attrs, OpDef, register_op
+from .init import trunc_normal
 from .conv import ConvNormAct, conv_macs, conv_params, init_conv, need_image, none_word, timm_stage_renames
 from .mlp import Mlp
 
@@ -179,7 +180,7 @@ class MobileViTOp(OpDef):
         init_conv(m)
         for mod in m.transformer.modules():
             if isinstance(mod, nn.Linear):
-                nn.init.trunc_normal_(mod.weight, std=0.02)
+                trunc_normal(mod.weight, std=0.02)
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
         return m

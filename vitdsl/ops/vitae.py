@@ -40,6 +40,7 @@ from pydantic import Field, field_validator
 from ..types import Cost, TensorType
 from .attention import AttnKind, _partition, _reverse, relative_position_index
 from .base import Attrs, OpDef, SubNode, format_value, register_op
+from .init import trunc_normal
 from .conv import BN_EPS, conv_macs, conv_out_size, conv_params, init_conv, make_act, none_word
 
 Act = Literal["silu", "relu", "gelu", "none"]
@@ -90,7 +91,7 @@ def _as_tokens(x: torch.Tensor) -> torch.Tensor:
 def _init_linears(m: nn.Module) -> nn.Module:
     for mod in m.modules():
         if isinstance(mod, nn.Linear):
-            nn.init.trunc_normal_(mod.weight, std=0.02)
+            trunc_normal(mod.weight, std=0.02)
             if mod.bias is not None:
                 nn.init.zeros_(mod.bias)
     return m
@@ -392,7 +393,7 @@ class CellAttentionOp(OpDef):
         m = CellAttention(t.channels, out.channels, a.heads, a.qkv_bias, a.proj_bias, grid=t.grid, window=window,
                           relpos=a.attn.relpos == "table", vskip=a.vskip)
         if m.relative_position_bias_table is not None:
-            nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+            trunc_normal(m.relative_position_bias_table, std=0.02)
         return _init_linears(m)
 
 
