@@ -110,3 +110,27 @@ def test_cli_quantize_then_build_gives_the_same_model(setup, tmp_path):
                         str(tmp_path / "calib.pt"), "--calib", str(tmp_path / "calib.pt"), "--bits", "w6a6",
                         "-o", str(tmp_path / "q2")], capture_output=True, text=True)
     assert r.returncode == 1 and "cannot read weights" in r.stderr and not (tmp_path / "q2").exists()
+
+
+def test_digits_calibration_images_match_the_model_input(setup, tmp_path):
+    """`--calib digits:N`: the first N digits of the training split, upsampled to the
+    model's input and replicated over its channels; held-out images are never used."""
+    from vitdsl.quant.quantize import load_images
+    from vitdsl.train import load_digits
+
+    x = load_images("digits:5", (3, 32, 32))
+    assert x.shape == (5, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2])
+    ref = load_digits((3, 32, 32))
+    torch.testing.assert_close(x[:, :1], ref.x_train[:5])
+    for bad in ("digits:abc", "digits:0", "digits:100000"):
+        with pytest.raises(vitdsl.SpecError):
+            load_images(bad, (3, 32, 32))
+    g, state, _ = setup
+    from safetensors.torch import save_file
+
+    (tmp_path / "m.vit").write_text(BASE)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "vitdsl", "quantize", str(tmp_path / "m.vit"), "--weights",
+                        str(tmp_path / "w.safetensors"), "--calib", "digits:8", "--bits", "w8a8",
+                        "--method", "minmax", "-o", str(tmp_path / "q")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

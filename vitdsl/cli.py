@@ -170,7 +170,7 @@ def cmd_quantize(args) -> int:
         state = load_file(args.weights)
     except Exception as e:  # noqa: BLE001 - unreadable weights are a user error
         raise SpecError(f"cannot read weights: {e}", filename=args.weights) from None
-    images = load_images(args.calib)
+    images = load_images(args.calib, g.input.out.shape)
     show = not args.quiet and sys.stderr.isatty()
 
     def progress(msg: str) -> None:

@@ -132,6 +132,16 @@ def load_digits(shape: tuple[int, int, int]) -> Data:
                       f"{TEST_FRACTION:.0%}, seed {SPLIT_SEED}", "original_size": "1x8x8"})
 
 
+def calibration_images(n: int, shape: tuple[int, int, int]):
+    """The first n images of the digits training split at the model's input shape,
+    normalised as for training: what `vitdsl quantize --calib digits:N` calibrates on.
+    The held-out split is never used, so it stays an honest test set."""
+    data = load_digits(tuple(shape))
+    if not 0 < n <= len(data.x_train):
+        raise SpecError(f"digits has {len(data.x_train)} training images; asked for {n}")
+    return data.batch(data.x_train, slice(0, n))
+
+
 def _class_files(root: str) -> dict[str, list[str]]:
     classes = {}
     for entry in sorted(os.scandir(root), key=lambda e: e.name):

@@ -15,16 +15,19 @@ from ..graph import Graph, Stmt
 REPORT_FIELDS = ("layer", "bits", "output_mse")
 
 
-def load_images(path: str) -> torch.Tensor:
+def load_images(path: str, shape: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Calibration images from a .safetensors (first tensor, or 'images') or .pt tensor file
-    (N, C, H, W); `digits` or `digits:N` uses scikit-learn's digits via vitdsl.train."""
+    (N, C, H, W); `digits` or `digits:N` uses scikit-learn's digits (training split,
+    upsampled to `shape`, the model's input) via vitdsl.train."""
     if path == "digits" or path.startswith("digits:"):
-        try:
-            from ..train import calibration_images
-        except ImportError as e:
-            raise SpecError(f"digits calibration needs the training extras: {e}") from None
-        n = int(path.split(":", 1)[1]) if ":" in path else 32
-        return calibration_images(n)
+        from ..train import calibration_images
+
+        count = path.split(":", 1)[1] if ":" in path else "32"
+        if not count.isdigit():
+            raise SpecError(f"expected digits or digits:N with N a number of images, got '{path}'")
+        if shape is None:
+            raise SpecError("digits calibration needs the model's input shape")
+        return calibration_images(int(count), shape)
     if not os.path.exists(path):
         raise SpecError("calibration data not found", filename=path)
     try:
