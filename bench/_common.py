@@ -78,14 +78,9 @@ def linfit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, floa
 
 # ------------------------------------------------------------------ machine
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from vitdsl.benchmark import cpu_model as model
+
+    return model()
 
 
 def loadavg() -> str:

@@ -237,6 +237,9 @@ def make_parser() -> argparse.ArgumentParser:
     from .train import add_cli
 
     add_cli(sub)
+    from .benchmark import add_cli as add_bench
+
+    add_bench(sub)
     return p
 
 
