@@ -119,7 +119,8 @@ def _unsupported(graph: Graph, model: nn.Module, opset: int, err: Exception) -> 
                                   opset_version=min(opset, 20))
         except Exception as e:  # noqa: BLE001
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return n.error(f"op '{n.op}' cannot be exported to ONNX (opset {opset}): {text}")
+            return n.error(f"op '{n.op}' cannot be exported to ONNX (opset {opset}): {text}").located(
+                graph.filename, graph.source)
     return SpecError(f"the ONNX export failed: {reason}", filename=graph.filename)
 
 

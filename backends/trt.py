@@ -106,7 +106,8 @@ def _export_error(graph: Graph, model: nn.Module, err: Exception) -> SpecError:
             torch.export.export(model.get_submodule(n.name), inputs[n.name])
         except Exception as e:  # noqa: BLE001
             return n.error(f"op '{n.op}' cannot be compiled for TensorRT (torch.export fails): "
-                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}").located(
+                graph.filename, graph.source)
     return SpecError(f"torch.export failed: {str(err).strip().splitlines()[0]}", filename=graph.filename)
 
 

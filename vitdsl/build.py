@@ -6,6 +6,16 @@ torch backend output:
   model.pt2          torch.export program (dynamic batch)
   summary.json       per-layer table and totals
   manifest.json      what is here, spec hash, versions
+
+onnx backend output (backends/onnx.py, docs/deploy.md):
+  model.onnx         TensorRT-ready: dynamic batch, LayerNormalization, Q/DQ where quantized
+  model.safetensors, spec.vit   the torch-backend reference `vitdsl verify` compares against
+  manifest.json      also opset, batch range, precision map, what TensorRT runs each width
+                     as, tolerances and the trtexec command line
+
+trt backend output (backends/trt.py): model.engine (serialized TensorRT engine),
+model.pt2 (the program handed to torch-tensorrt), model.safetensors, spec.vit and
+manifest.json (also torch-tensorrt and TensorRT versions, batch range, precision map).
 """
 from __future__ import annotations
 
@@ -19,7 +29,8 @@ from .atomic import staged_dir
 from .errors import SpecError
 from .graph import Graph
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "onnx", "trt")
+DEFAULT_BATCH = (1, 8, 64)  # min, opt, max: the engine's dynamic batch range
 
 
 def spec_hash(graph: Graph) -> str:
@@ -54,10 +65,56 @@ def load_state_strict(model, state: dict, filename: str = "<weights>") -> None:
         raise SpecError("weights do not match the spec: " + "; ".join(problems), filename=filename)
 
 
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """`MIN:OPT:MAX` (or `MIN:MAX`, opt = max, or one number) -> the dynamic batch range."""
+    parts = text.split(":")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise SpecError(f"batch range '{text}' is not MIN:OPT:MAX with whole numbers (e.g. 1:8:64)", filename="--batch") from None
+    if len(nums) == 1:
+        nums = nums * 3
+    elif len(nums) == 2:
+        nums = [nums[0], nums[1], nums[1]]
+    elif len(nums) != 3:
+        raise SpecError(f"batch range '{text}' has {len(nums)} parts; write MIN:OPT:MAX (e.g. 1:8:64)", filename="--batch")
+    lo, opt, hi = nums
+    if lo < 1:
+        raise SpecError(f"batch range '{text}': the smallest batch must be at least 1, got {lo}", filename="--batch")
+    if lo > hi:
+        raise SpecError(f"batch range '{text}': min {lo} is larger than max {hi}", filename="--batch")
+    if not lo <= opt <= hi:
+        raise SpecError(f"batch range '{text}': opt {opt} is outside [{lo}, {hi}]", filename="--batch")
+    if hi > 4096:
+        raise SpecError(f"batch range '{text}': max {hi} is over 4096", filename="--batch")
+    return lo, opt, hi
+
+
+def check_writable(out: str) -> None:
+    """Refuse before any work when OUT cannot be created: its nearest existing ancestor
+    must be a writable directory (and OUT itself, if it exists, a directory)."""
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SpecError(f"output {out} exists and is not a directory", filename=out)
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SpecError(f"output directory {out} is not writable: {parent} is not a directory", filename=out)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecError(f"output directory {out} is not writable: permission denied on {parent}", filename=out)
+
+
 def build(graph: Graph, out: str, backend: str = "torch", seed: int = 0, weights: str | None = None,
-          progress: Callable[[str], None] = lambda s: None) -> dict:
+          progress: Callable[[str], None] = lambda s: None, batch: tuple[int, int, int] | None = None,
+          opset: int | None = None) -> dict:
     if backend not in BACKENDS:
         raise SpecError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+    check_writable(out)
+    if backend == "trt":  # before any work: a missing TensorRT or GPU is one clear message
+        from .backends.trt import require_trt
+
+        require_trt(graph, out, batch or DEFAULT_BATCH)
     import torch
     from safetensors.torch import save_file
 
@@ -67,6 +124,11 @@ def build(graph: Graph, out: str, backend: str = "torch", seed: int = 0, weights
     model = compile(graph, seed=seed).eval()
     if weights:
         load_weights(model, weights)
+    if backend in ("onnx", "trt"):
+        from .backends.deploy import write_deploy
+
+        return write_deploy(graph, model, out, backend, batch or DEFAULT_BATCH, opset=opset, seed=seed,
+                            weights=weights, progress=progress)
     with staged_dir(out) as tmp:
         progress("writing weights")
         state = {k: v.contiguous() for k, v in model.state_dict().items()}

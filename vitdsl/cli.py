@@ -82,10 +82,47 @@ def cmd_build(args) -> int:
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.exists(parent) and not os.access(parent, os.W_OK):
         raise SpecError(f"cannot write to {parent}: permission denied", filename=out)
+    from .build import parse_batch
+
+    batch = parse_batch(args.batch) if args.batch else None
+    if args.backend == "torch" and (args.batch or args.opset):
+        raise SpecError("--batch and --opset apply to --backend onnx and trt", filename=args.spec)
+    if args.opset and args.backend != "onnx":
+        raise SpecError("--opset applies to --backend onnx", filename=args.spec)
     manifest = build(g, out, backend=args.backend, seed=args.seed, weights=args.weights,
-                     progress=_progress(not args.quiet and sys.stderr.isatty()))
+                     progress=_progress(not args.quiet and sys.stderr.isatty()), batch=batch, opset=args.opset)
     print(f"wrote {out}/: {', '.join(manifest['files'])}")
+    for item in manifest.get("not_native", []):
+        print(f"note: {item['quantizer']} ({item['bits']}-bit) runs on TensorRT as {item['runs_as']}")
+    if manifest.get("trtexec"):
+        print(f"build the engine on the target machine with:\n  cd {out} && {manifest['trtexec']}")
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Re-run the numerical comparison of a build directory's ONNX model (onnxruntime, CPU)
+    or TensorRT engine (GPU) against the torch backend, as Polygraphy's `run --onnxrt` does:
+    the same seeded inputs through both, outputs compared elementwise, quantized tensors
+    in units of their quantization step.  Exits 1 when they differ."""
+    from .backends.deploy import verify
+    from .table import render
+
+    batches = None
+    if args.batch:
+        try:
+            batches = [int(b) for b in args.batch]
+        except ValueError:
+            raise SpecError(f"--batch takes whole numbers, got {' '.join(args.batch)}", filename=args.out) from None
+    result = verify(args.out, batches=batches, seed=args.seed)
+    if not result.get("ran", True):
+        print(f"{args.out}: {result['summary']}")
+        return 0
+    rows = [[str(r["batch"]), r["output"], f"{r['max_abs']:.3g}", f"{r['mean_abs']:.3g}", f"{r['atol']:.3g}",
+             f"{r['max_steps']:.3g}" if "max_steps" in r else "-", "PASS" if r["passed"] else "FAIL"] for r in result["rows"]]
+    print(render(["batch", "output", "max |Δ|", "mean |Δ|", "tolerance", "quantized: max steps", "result"], rows,
+                 right={0, 2, 3, 4, 5}))
+    print(f"{args.out} ({result['backend']}): {'PASS' if result['passed'] else 'FAIL'}: {result['summary']}")
+    return 0 if result["passed"] else 1
 
 
 def cmd_fmt(args) -> int:
@@ -199,7 +236,11 @@ def make_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="compile a spec into artifacts", description=cmd_build.__doc__)
     _spec_arg(b)
-    b.add_argument("--backend", default="torch", choices=["torch"], help="what to build (default: torch)")
+    b.add_argument("--backend", default="torch", choices=["torch", "onnx", "trt"],
+                   help="torch: weights + torch.export program; onnx: TensorRT-ready ONNX (Q/DQ where quantized); "
+                        "trt: a TensorRT engine through torch-tensorrt (needs vitdsl[trt] and a CUDA GPU) (default: torch)")
+    b.add_argument("--batch", metavar="MIN:OPT:MAX", help="dynamic batch range of onnx/trt builds (default: 1:8:64)")
+    b.add_argument("--opset", type=int, metavar="N", help="ONNX opset, 17..21 (default: 17, or 21 when 4-bit weights need INT4)")
     b.add_argument("-o", "--output", metavar="OUT", help="output directory (default: build/MODEL)")
     b.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
     b.add_argument("--weights", metavar="FILE", help="safetensors weights to load instead of random init")
@@ -227,6 +268,13 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress")
     q.set_defaults(func=cmd_quantize)
+
+    v = sub.add_parser("verify", help="compare a build's ONNX model or engine with the torch backend",
+                       description=cmd_verify.__doc__)
+    v.add_argument("out", metavar="OUT", help="a directory written by vitdsl build --backend onnx|trt")
+    v.add_argument("--batch", nargs="+", metavar="N", help="batch sizes to compare (default: the smallest and one more)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    v.set_defaults(func=cmd_verify)
 
     im = sub.add_parser("import", help="write a spec for a timm model", description=cmd_import.__doc__)
     im.add_argument("source", metavar="timm:NAME", help="e.g. timm:vit_small_patch16_224, timm:swin_tiny_patch4_window7_224")
