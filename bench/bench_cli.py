@@ -71,16 +71,19 @@ def main(argv=None) -> int:
             rows.append([rep["model"], r["batch"], C.fmt_ms(ours["median_s"], 1), C.fmt_ms(ours["iqr_s"], 1),
                          C.fmt_ms(theirs["median_s"], 1) if theirs else "-", C.fmt_ms(theirs["iqr_s"], 1) if theirs else "-",
                          f"{ours['images_per_s']:.2f}", f"{theirs['images_per_s']:.2f}" if theirs else "-",
-                         f"{ours['tflops'] * 1e3:.0f}", f"{ratio:.3f}" if ratio is not None else "withheld"])
+                         f"{ours['tflops'] * 1e3:.0f}", f"{ratio:.3f}" if ratio is not None else "withheld",
+                         "{:.3f} ({:.3f} - {:.3f})".format(r["paired_ratio"], *r["paired_ratio_ci95"])
+                         if ratio is not None else "-"])
     table = C.table(["model", "batch", "vitdsl ms", "IQR", "timm ms", "IQR", "vitdsl img/s", "timm img/s",
-                     "vitdsl GFLOP/s", "vitdsl/timm"], rows)
+                     "vitdsl GFLOP/s", "vitdsl/timm", "paired ratio (95% CI)"], rows)
     checks = "; ".join(f"{rep['model']}: max |diff| {rep['comparison']['check']['max_abs_diff']:.1e}"
                        for rep in reports if rep.get("comparison"))
     threads = sorted({rep["device"]["threads"] for rep in reports})
     notes = [
         "ms: median forward time (fp32, eval, `torch.inference_mode`); IQR: interquartile range of the timed runs, ms; "
         "GFLOP/s from the graph's MACs (2 FLOPs per MAC); vitdsl/timm: ratio of the median times, contenders "
-        "interleaved in the same process (<= 1.00: vitdsl at least as fast).",
+        "interleaved in the same process (<= 1.00: vitdsl at least as fast); paired ratio: median of the per-pair "
+        "ratios (each pair ran back to back), with a distribution-free ~95% interval.",
         "",
         f"Each model is compared with timm's model of the same name, timm's random-init weights copied into vitdsl's "
         f"(`vitdsl.interop.timm.convert_state_dict`); fp32 outputs checked before timing: {checks}.",
