@@ -584,7 +584,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register `vitdsl bench` on an argparse subparsers object."""
     p = subparsers.add_parser(
         "bench", help="measure latency and throughput, against timm's same model",
-        description=cmd_bench.__doc__ + ". Warm-up runs first, then the median (and interquartile range) of "
+        description=cmd_bench.__doc__ + " Warm-up runs first, then the median (and interquartile range) of "
                     "timed runs, interleaved with timm's model of the same name (same weights, outputs checked "
                     "to agree first); images/s, achieved TFLOP/s from the graph's MACs and, on a known GPU, "
                     "the fraction of its fp16/bf16 tensor-core peak.",
