@@ -197,6 +197,8 @@ def _array(gr: _Graph, name: str) -> np.ndarray | None:
     p = gr.producer.get(name)
     if p is not None and p.op_type == "Constant":
         return numpy_helper.to_array(p.attribute[0].t)
+    if p is not None and p.op_type == "Identity":  # the exporter shares equal initializers this way
+        return _array(gr, p.input[0])
     return None
 
 
