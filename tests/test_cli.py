@@ -23,11 +23,24 @@ def tiny(tmp_path):
     return p
 
 
-@pytest.mark.parametrize("cmd", [[], ["check"], ["build"], ["fmt"], ["graph"]])
+def _commands() -> list[str]:
+    import argparse
+
+    from vitdsl.cli import make_parser
+
+    sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+def test_every_command_is_listed():
+    assert {"check", "build", "fmt", "graph", "quantize", "import", "train", "bench", "verify"} <= set(_commands())
+
+
+@pytest.mark.parametrize("cmd", [[]] + [[c] for c in _commands()])
 def test_help(cmd):
     r = run(*cmd, "--help")
     assert r.returncode == 0
-    assert "usage: vitdsl" in r.stdout
+    assert "usage: vitdsl" in r.stdout and "--help" in r.stdout
 
 
 def test_check_table(tiny):

@@ -57,9 +57,16 @@ def cmd_check(args) -> int:
     return 0
 
 
-def _progress(enabled: bool):
+BUILD_STEPS = {  # the progress messages vitdsl.build sends, per backend, in order
+    "torch": ["building module", "writing weights", "exporting with torch.export", "done"],
+    "onnx": ["building module", "exporting to ONNX", "checking with onnxruntime", "writing", "done"],
+    "trt": ["building module", "compiling with torch-tensorrt", "writing", "done"],
+}
+
+
+def _progress(enabled: bool, backend: str = "torch"):
     start = time.perf_counter()
-    steps = ["building module", "writing weights", "exporting with torch.export", "done"]
+    steps = BUILD_STEPS[backend]
 
     def report(msg: str) -> None:
         if not enabled:
@@ -90,7 +97,7 @@ def cmd_build(args) -> int:
     if args.opset and args.backend != "onnx":
         raise SpecError("--opset applies to --backend onnx", filename=args.spec)
     manifest = build(g, out, backend=args.backend, seed=args.seed, weights=args.weights,
-                     progress=_progress(not args.quiet and sys.stderr.isatty()), batch=batch, opset=args.opset)
+                     progress=_progress(not args.quiet and sys.stderr.isatty(), args.backend), batch=batch, opset=args.opset)
     print(f"wrote {out}/: {', '.join(manifest['files'])}")
     for item in manifest.get("not_native", []):
         print(f"note: {item['quantizer']} ({item['bits']}-bit) runs on TensorRT as {item['runs_as']}")
