@@ -1,0 +1,450 @@
+"""Post-training quantization of two trained digits models: held-out accuracy and KL of
+the logits against FP32, for minmax, percentile and mptq calibration (issue 4 §5).
+
+    .venv/bin/python bench/quant_table.py                       # train (or load cached), print the tables
+    .venv/bin/python bench/quant_table.py --write-doc           # ... and rewrite the `bench:quant` section
+    .venv/bin/python bench/quant_table.py --vit-small-timing --write-doc   # ... plus the ViT-S/16 mptq timing
+    .venv/bin/python bench/quant_table.py --quick               # few rows, smaller calibration set, doc untouched
+
+Models: specs/digits_vit.vit (a plain ViT) and specs/digits_hybrid.vit (conv stem,
+shifted windows, patch merging), trained with `vitdsl.train.train` (the code of
+`vitdsl train`) on scikit-learn's digits with its fixed stratified split (split seed 0)
+and training seed 0; the weights are cached in build/quant_table/ and retrained when the
+spec, the epochs or the seed change (or with --retrain).
+
+Quantization: `vitdsl.quant.quantize.quantize` (the code of `vitdsl quantize`) with
+`bits=wNaM` for the uniform rows and `budget=B` for the greedy mixed-precision rows,
+calibrated on a fixed set of training images (the first N of a seeded permutation of
+the training split; never held-out images).  Every cell is scored on the 359 held-out
+images: top-1 accuracy and the mean KL(p_fp32 || p_quantized) of the softmax of the
+logits, in nats.
+
+Targets (issue 4 §5), checked for each model:
+  - mptq's KL is lower than minmax's at every setting;
+  - mptq's accuracy is at least minmax's minus 0.2 points everywhere, and strictly higher
+    at the two lowest uniform settings (W4A4 and W3A3);
+  - greedy MP at average 5 bits is within 1 point of FP32 and beats uniform W5A5 of the
+    same method (higher or equal accuracy and lower KL), for every method;
+  - (--vit-small-timing) `vitdsl quantize specs/vit_small_patch16_224.vit --method mptq`
+    on 32 images at 224x224 finishes within 10 minutes with 2 threads.
+Progress goes to stderr; the tables and verdicts to stdout.  Exit code 1 when a target
+is not met.  Needs scikit-learn.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+SECTION = "quant"
+SEED = 0
+CALIB_SEED = 0
+TRAIN_TARGET = 0.97
+# spec -> vitdsl.train.train keyword arguments (the others: `vitdsl train`'s defaults)
+MODELS: dict[str, dict[str, Any]] = {
+    "digits_vit": {"epochs": 30},
+    "digits_hybrid": {"epochs": 20},
+}
+# row label -> quantize() keyword arguments (None: the float model)
+ROWS: dict[str, dict[str, Any] | None] = {
+    "FP32": None,
+    "W8A8": {"bits": "w8a8"},
+    "W6A6": {"bits": "w6a6"},
+    "W5A5": {"bits": "w5a5"},
+    "W4A8": {"bits": "w4a8"},
+    "W4A4": {"bits": "w4a4"},
+    "W3A3": {"bits": "w3a3"},
+    "MP 6": {"budget": 6.0},
+    "MP 5": {"budget": 5.0},
+    "MP 4.5": {"budget": 4.5},
+}
+QUICK_ROWS = ("FP32", "W5A5", "W4A4", "MP 5")
+METHODS = ("minmax", "percentile", "mptq")
+LOWEST_UNIFORM = ("W4A4", "W3A3")
+ACC_SLACK = 0.2  # points
+MP_TO_FP32 = 1.0  # points
+VIT_SMALL = "vit_small_patch16_224"
+TIME_TARGET_S = 600.0
+
+
+def code_rev() -> str:
+    """The commit the figures come from, '+dirty' when vitdsl/ or backends/ have uncommitted
+    changes ('unknown' outside a git checkout)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=C.ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vitdsl", "backends"], cwd=C.ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, so stdout holds only the tables."""
+    print(f"[quant_table] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ models
+def trained(name: str, out_dir: str, retrain: bool) -> tuple[Any, dict, dict]:
+    """(graph, float state, training metrics) of a digits spec: the cached weights when
+    they were trained from this very spec with these settings, else a fresh run."""
+    from safetensors.torch import load_file
+
+    import vitdsl
+    from vitdsl.build import spec_hash
+    from vitdsl.train import train
+
+    spec = str(C.SPECS / f"{name}.vit")
+    g = vitdsl.load(spec)
+    out = os.path.join(out_dir, f"{name}.safetensors")
+    meta = os.path.join(out_dir, f"{name}.json")
+    kw = dict(MODELS[name], seed=SEED)
+    if not retrain and os.path.exists(out) and os.path.exists(meta):
+        with open(meta) as f:
+            m = json.load(f)
+        if m.get("spec_sha256") == spec_hash(g) and all(m.get(k) == v for k, v in kw.items()):
+            log(f"{name}: cached weights {os.path.relpath(out, C.ROOT)} (held-out {m['test_acc']:.2%})")
+            return g, load_file(out), m
+    log(f"{name}: training ({', '.join(f'{k}={v}' for k, v in kw.items())})")
+    m = train(spec, data="digits", out=out, progress=True, **kw)
+    return g, load_file(out), m
+
+
+def calibration_set(d, n: int):
+    """The first n images of a fixed permutation of the training split."""
+    import torch
+
+    idx = torch.randperm(len(d.y_train), generator=torch.Generator().manual_seed(CALIB_SEED))[:n]
+    return d.batch(d.x_train, idx)
+
+
+def score(model, x, y, ref_logp) -> tuple[int, float, Any]:
+    """(correct count, mean KL(p_ref || p_model), log-probabilities) on (x, y)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logq = F.log_softmax(model.eval()(x), dim=-1)
+    correct = int((logq.argmax(1) == y).sum())
+    if ref_logp is None:
+        return correct, 0.0, logq
+    kl = float((ref_logp.exp() * (ref_logp - logq)).sum(-1).mean())
+    return correct, kl, logq
+
+
+def run_model(name: str, rows: list[str], n_calib: int, out_dir: str, retrain: bool) -> dict:
+    """Every row x method for one model; returns its results (JSON-ready)."""
+    import torch
+
+    import vitdsl
+    from vitdsl.quant.bits import summary
+    from vitdsl.quant.quantize import quantize
+    from vitdsl.train import load_digits
+
+    g, state, m = trained(name, out_dir, retrain)
+    d = load_digits(tuple(g.input.out.shape))
+    calib = calibration_set(d, n_calib)
+    x_test = d.batch(d.x_test, torch.arange(len(d.y_test)))
+    n = len(d.y_test)
+    fmodel = vitdsl.compile(g).eval()
+    fmodel.load_state_dict(state, strict=True)
+    correct, _, ref_logp = score(fmodel, x_test, d.y_test, None)
+    res: dict[str, Any] = {
+        "spec": f"specs/{name}.vit", "params": m["params"], "train_acc_reported": m["test_acc"],
+        "train": {k: m[k] for k in ("epochs", "steps", "batch_size", "lr", "seed", "split_seed", "seconds")},
+        "test_size": n, "calib_images": int(calib.shape[0]), "rows": {},
+    }
+    res["rows"]["FP32"] = {meth: {"correct": correct, "acc": 100.0 * correct / n, "kl": 0.0} for meth in METHODS}
+    log(f"{name}: FP32 held-out {100.0 * correct / n:.2f}% ({correct}/{n})")
+    for row in rows:
+        kw = ROWS[row]
+        if kw is None:
+            continue
+        res["rows"][row] = {}
+        for meth in METHODS:
+            t0 = time.perf_counter()
+            qg, qm, _ = quantize(g, state, calib, method=meth, **kw)
+            secs = time.perf_counter() - t0
+            c, kl, _ = score(qm, x_test, d.y_test, ref_logp)
+            s = summary(qg)
+            cell = {"correct": c, "acc": 100.0 * c / n, "kl": kl, "seconds": round(secs, 3),
+                    "avg_weight_bits": round(s["avg_weight_bits"], 4), "avg_act_bits": round(s["avg_act_bits"], 4)}
+            if "budget" in kw:
+                cell["bits"] = {k: str(v) for k, v in qg.bits.items()}
+            res["rows"][row][meth] = cell
+            log(f"{name}: {row:<6} {meth:<10} acc {cell['acc']:6.2f}%  KL {kl:.4g}  "
+                f"(avg w{s['avg_weight_bits']:.2f} a{s['avg_act_bits']:.2f}, {secs:.1f} s)")
+    return res
+
+
+# ------------------------------------------------------------------ targets
+def check(name: str, res: dict) -> list[dict]:
+    """The issue's relations for one model: one entry per target with its evidence."""
+    rows = res["rows"]
+    quant_rows = [r for r in rows if r != "FP32"]
+    out: list[dict] = []
+
+    def add(target: str, failures: list[str], checked: list[str]) -> None:
+        if checked:
+            out.append({"model": name, "target": target, "met": not failures, "failures": failures, "checked": checked})
+
+    fails, seen = [], []
+    for r in quant_rows:
+        a, b = rows[r]["mptq"]["kl"], rows[r]["minmax"]["kl"]
+        seen.append(r)
+        if not a < b:
+            fails.append(f"{r}: mptq KL {a:.4g} >= minmax {b:.4g}")
+    add("mptq KL < minmax KL at every setting", fails, seen)
+
+    fails, seen = [], []
+    for r in quant_rows:
+        a, b = rows[r]["mptq"]["acc"], rows[r]["minmax"]["acc"]
+        seen.append(r)
+        if a < b - ACC_SLACK - 1e-9:
+            fails.append(f"{r}: mptq {a:.2f}% < minmax {b:.2f}% - {ACC_SLACK}")
+    add(f"mptq accuracy >= minmax - {ACC_SLACK} points at every setting", fails, seen)
+
+    fails, seen = [], []
+    for r in LOWEST_UNIFORM:
+        if r in rows:
+            a, b = rows[r]["mptq"]["acc"], rows[r]["minmax"]["acc"]
+            seen.append(r)
+            if not a > b:
+                fails.append(f"{r}: mptq {a:.2f}% <= minmax {b:.2f}%")
+    add("mptq accuracy > minmax at the two lowest uniform settings (W4A4, W3A3)", fails, seen)
+
+    if "MP 5" in rows:
+        fp = rows["FP32"]["minmax"]["acc"]
+        fails, seen = [], []
+        for meth in METHODS:
+            a = rows["MP 5"][meth]["acc"]
+            seen.append(meth)
+            if a < fp - MP_TO_FP32 - 1e-9:
+                fails.append(f"{meth}: MP 5 {a:.2f}% < FP32 {fp:.2f}% - {MP_TO_FP32}")
+        add(f"MP 5 within {MP_TO_FP32} point of FP32 (every method)", fails, seen)
+        if "W5A5" in rows:
+            fails, seen = [], []
+            for meth in METHODS:
+                mp, u = rows["MP 5"][meth], rows["W5A5"][meth]
+                seen.append(meth)
+                if not (mp["acc"] >= u["acc"] - 1e-9 and mp["kl"] < u["kl"]):
+                    fails.append(f"{meth}: MP 5 {mp['acc']:.2f}% / KL {mp['kl']:.4g} vs W5A5 {u['acc']:.2f}% / KL {u['kl']:.4g}")
+            add("MP 5 beats uniform W5A5 of the same method (accuracy >= and KL <)", fails, seen)
+    return out
+
+
+# ------------------------------------------------------------------ ViT-S/16 timing
+def vit_small_timing(out_dir: str, threads: int, bits: str, n_images: int = 32) -> dict:
+    """`vitdsl quantize specs/vit_small_patch16_224.vit --method mptq` end to end in a fresh
+    interpreter (import, load, calibration, report, writing the outputs): random-init
+    weights (seed 0) and 32 digits upsampled to 3x224x224."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+    from sklearn.datasets import load_digits as sk_digits
+
+    import vitdsl
+
+    work = os.path.join(out_dir, VIT_SMALL)
+    os.makedirs(work, exist_ok=True)
+    spec = str(C.SPECS / f"{VIT_SMALL}.vit")
+    weights = os.path.join(work, "random_init.safetensors")
+    calib = os.path.join(work, f"calib{n_images}.pt")
+    if not os.path.exists(weights):
+        state = vitdsl.compile(vitdsl.load(spec), seed=0).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, weights)
+    if not os.path.exists(calib):
+        x = torch.tensor(sk_digits().images[:n_images], dtype=torch.float32).unsqueeze(1) / 16.0
+        x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+        x = (x - x.mean()) / x.std()
+        torch.save(x.contiguous(), calib)
+    out = os.path.join(work, f"q_{bits}")
+    args = ["quantize", spec, "--weights", weights, "--calib", calib, "--bits", bits, "--method", "mptq", "-o", out, "-q"]
+    exe = os.path.join(os.path.dirname(sys.executable), "vitdsl")
+    cmd = [exe, *args] if os.path.exists(exe) else [sys.executable, "-m", "vitdsl", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    shown = ["vitdsl", *[os.path.relpath(a, C.ROOT) if os.path.isabs(a) else a for a in args]]
+    log(f"{VIT_SMALL}: timing `{' '.join(shown)}` with {threads} threads")
+    load0 = C.loadavg()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=C.ROOT)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != 0:
+        raise RuntimeError(f"vitdsl quantize failed ({r.returncode}):\n{r.stderr}")
+    with open(os.path.join(out, "report.json")) as f:
+        rep = json.load(f)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    log(f"{VIT_SMALL}: {wall:.1f} s wall, {cpu:.1f} s CPU")
+    return {"command": " ".join(shown), "threads": threads, "images": n_images, "bits": bits, "wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 2), "layers": len(rep["layers"]) - 1, "load_start": load0, "load_end": C.loadavg(),
+            "met": wall <= TIME_TARGET_S}
+
+
+# ------------------------------------------------------------------ output
+def tables(res: dict) -> str:
+    """One markdown table per model: accuracy and KL side by side, per method."""
+    headers = ["setting", *[f"{m} acc %" for m in METHODS], *[f"{m} KL" for m in METHODS]]
+    lines = []
+    for r, cells in res["rows"].items():
+        if r == "FP32":
+            lines.append([r, *[f"{cells[m]['acc']:.2f}" for m in METHODS], *["0" for _ in METHODS]])
+            continue
+        lines.append([r, *[f"{cells[m]['acc']:.2f}" for m in METHODS], *[f"{cells[m]['kl']:.3g}" for m in METHODS]])
+    return C.table(headers, lines)
+
+
+def mp_lines(res: dict) -> list[str]:
+    """The average widths the mixed-precision search reached, per row and method."""
+    out = []
+    for r, cells in res["rows"].items():
+        if r.startswith("MP"):
+            parts = [f"{m} w{cells[m]['avg_weight_bits']:.2f}/a{cells[m]['avg_act_bits']:.2f}" for m in METHODS]
+            out.append(f"{r}: {', '.join(parts)}")
+    return out
+
+
+def verdict_lines(checks: list[dict], timing: dict | None, results: dict | None = None) -> list[str]:
+    out = []
+    for name, res in (results or {}).items():
+        acc = res["rows"]["FP32"]["minmax"]["acc"]
+        out.append(f"- `{name}`: trained to {acc:.2f}% held-out (target >= {TRAIN_TARGET:.0%}): "
+                   f"{'**met**' if acc >= 100 * TRAIN_TARGET else '**NOT met**'}")
+    for c in checks:
+        status = "**met**" if c["met"] else "**NOT met**"
+        detail = f" ({'; '.join(c['failures'])})" if c["failures"] else f" (checked: {', '.join(c['checked'])})"
+        out.append(f"- `{c['model']}`: {c['target']}: {status}{detail}")
+    if timing is not None:
+        out.append(f"- `{VIT_SMALL}`: mptq calibration of {timing['images']} images at 224x224 within "
+                   f"{TIME_TARGET_S / 60:.0f} min on {timing['threads']} threads: {timing['wall_s']:.0f} s: "
+                   f"{'**met**' if timing['met'] else '**NOT met**'}")
+    return out
+
+
+def doc_body(results: dict, checks: list[dict], timing: dict | None, n_calib: int, load0: str, load1: str,
+             threads: int, rev: str) -> str:
+    summary = ["Targets (issue 4 §5):", "", *verdict_lines(checks, timing, results)]
+    lines = C.section("Post-training quantization: accuracy and KL (digits)", summary, load0, load1)
+    train_cmds = "\n".join(f"vitdsl train specs/{k}.vit --epochs {MODELS[k]['epochs']} --seed {SEED} "
+                           f"--threads {threads} -o build/quant_table/{k}.safetensors" for k in results)
+    lines += [
+        f"Code: `{rev}`. torch intra-op threads: {threads}.",
+        "",
+        "Models, trained with `vitdsl.train.train` (the same runs from the command line):",
+        "",
+        "```",
+        train_cmds,
+        "```",
+        "",
+        "Data: scikit-learn's digits, upsampled to 1x16x16, the fixed stratified split (split seed 0): "
+        "1438 training and 359 held-out images. Quantization: `vitdsl.quant.quantize.quantize`, the code of "
+        f"`vitdsl quantize SPEC --weights W --calib C (--bits wNaM | --budget B) --method M`, calibrated on {n_calib} "
+        f"training images (the first {n_calib} of a fixed permutation, seed {CALIB_SEED}). Uniform rows: every linear "
+        "and conv at wNaM; MP rows: greedy mixed precision over widths {4, 5, 6, 8} at that average budget "
+        "(weights and inputs). Figures on the 359 held-out images: top-1 accuracy (one image = 0.28 points) and "
+        "the mean KL(p_fp32 || p_quantized) of the logits' softmax, in nats.",
+        "",
+    ]
+    for name, res in results.items():
+        lines += [f"#### `{res['spec']}` ({res['params']:,} parameters; FP32 held-out "
+                  f"{res['rows']['FP32']['minmax']['acc']:.2f}%)", "", tables(res), ""]
+        mp = mp_lines(res)
+        if mp:
+            lines += ["Average widths reached (weights / inputs): " + "; ".join(mp) + ".", ""]
+    if timing is not None:
+        lines += [f"#### `{VIT_SMALL}`: mptq calibration time", "",
+                  "Random-init weights (seed 0), the first 32 digits upsampled (bilinear) to 3x224x224; the whole "
+                  "command in a fresh interpreter (import, load, SQ-b, range search, report, writing the outputs):", "",
+                  "```", f"OMP_NUM_THREADS={timing['threads']} {timing['command']}", "```", "",
+                  C.table(["layers", "images", "bits", "threads", "wall s", "CPU s", "target", "load at start / end"],
+                          [[timing["layers"], timing["images"], timing["bits"], timing["threads"],
+                            f"{timing['wall_s']:.1f}", f"{timing['cpu_s']:.1f}", f"<= {TIME_TARGET_S:.0f} s",
+                            f"{timing['load_start']} / {timing['load_end']}"]]), ""]
+    notes = C.notes(SECTION)
+    if notes:
+        lines += [notes.rstrip(), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="models (default: both)")
+    ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, metavar="ROW",
+                    help=f"rows to run (default: all: {', '.join(ROWS)})")
+    ap.add_argument("--calib", type=int, default=64, metavar="N", help="calibration images (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=1, metavar="N",
+                    help="torch intra-op threads for training and the table (default: %(default)s)")
+    ap.add_argument("--out-dir", default=str(C.ROOT / "build" / "quant_table"), help="cache of weights (default: %(default)s)")
+    ap.add_argument("--retrain", action="store_true", help="train again even when cached weights match")
+    ap.add_argument("--quick", action="store_true", help=f"rows {', '.join(QUICK_ROWS)}, 16 calibration images, doc untouched")
+    ap.add_argument("--vit-small-timing", action="store_true", help=f"also time mptq calibration of {VIT_SMALL}")
+    ap.add_argument("--timing-threads", type=int, default=2, metavar="N", help="threads for the timing (default: %(default)s)")
+    ap.add_argument("--timing-bits", default="w4a4", metavar="wNaM", help="widths for the timing (default: %(default)s)")
+    ap.add_argument("--no-table", action="store_true", help="skip the digits table (only with --vit-small-timing)")
+    ap.add_argument("--json", metavar="PATH", help="write every figure here")
+    ap.add_argument("--write-doc", action="store_true", help="rewrite the `bench:quant` section of docs/benchmarks.md")
+    ap.add_argument("--doc", default=str(C.DOC), metavar="PATH", help="the benchmarks doc (default: %(default)s)")
+    ap.add_argument("--code-rev", default=None, metavar="REV",
+                    help="the code version to record (default: this checkout's git HEAD, '+dirty' if vitdsl/ or "
+                         "backends/ have uncommitted changes)")
+    args = ap.parse_args(argv)
+    if args.no_table and not args.vit_small_timing:
+        ap.error("--no-table needs --vit-small-timing")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows = list(QUICK_ROWS) if args.quick else (args.rows or list(ROWS))
+    rows = [r for r in ROWS if r in rows or r == "FP32"]  # table order, FP32 always
+    n_calib = 16 if args.quick else args.calib
+    rev = args.code_rev or code_rev()
+    import vitdsl
+
+    log(f"code: {rev}; vitdsl from {os.path.dirname(vitdsl.__file__)}")
+    load0 = C.loadavg()
+    results: dict[str, dict] = {}
+    checks: list[dict] = []
+    if not args.no_table:
+        for name in args.models:
+            results[name] = run_model(name, rows, n_calib, args.out_dir, args.retrain)
+            checks += check(name, results[name])
+    timing = vit_small_timing(args.out_dir, args.timing_threads, args.timing_bits) if args.vit_small_timing else None
+    load1 = C.loadavg()
+
+    for name, res in results.items():
+        print(f"\n{res['spec']} (FP32 held-out {res['rows']['FP32']['minmax']['acc']:.2f}%, "
+              f"{res['calib_images']} calibration images)\n")
+        print(tables(res))
+        for line in mp_lines(res):
+            print(f"  {line}")
+    print()
+    print("\n".join(verdict_lines(checks, timing, results)))
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"code_rev": rev, "models": results, "targets": checks, "vit_small_timing": timing, "calib_images": n_calib,
+                       "threads": args.threads, "load_start": load0, "load_end": load1}, f, indent=1)
+    if args.write_doc and not args.quick:
+        if args.no_table:
+            ap.error("--write-doc needs the table (drop --no-table)")
+        C.update_doc(SECTION, doc_body(results, checks, timing, n_calib, load0, load1, args.threads, rev),
+                     doc=Path(args.doc))
+        log(f"updated {args.doc} (section {SECTION})")
+    ok = all(c["met"] for c in checks) and (timing is None or timing["met"])
+    ok = ok and all(r["train_acc_reported"] >= TRAIN_TARGET for r in results.values())
+    return 0 if ok or args.quick else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
