@@ -8,10 +8,13 @@ Quantization for Vision Transformer", 2024).
 - The same output-error search picks every other layer's input range (a clipping
   factor on the min/max range), and the ranges of the attention operands (q, k by the
   error of q kᵀ; softmax output and v by the error of A·V).
+- Weights: per output channel, a clipping factor on the largest magnitude chosen by
+  that channel's output error (the same search, on the weight side).
 - Greedy MP (§3.3): see `greedy_mixed_precision`.
 
-The search is deterministic: the calibration rows kept per layer are a fixed stride
-over the data, and ties go to the earlier candidate.
+Ranges start from the minimum and maximum over every calibration image; the searches
+run on a sample (seeded random tokens, evenly spaced images).  The search is
+deterministic: ties go to the earlier candidate.
 """
 from __future__ import annotations
 
@@ -26,8 +29,7 @@ from .fake import AttnQuant, FakeQuant, QuantConv2d, QuantLinear, attn_quant_of
 CLIPS = tuple(round(0.3 + 0.1 * i, 1) for i in range(8))  # 0.3 .. 1.0 of the observed range
 M_GRID = tuple(range(0, 6))
 MAX_ROWS = 512  # tokens (linear) kept per layer for the output-error search
-MAX_IMAGES = 4  # images (conv) kept per layer
-ATTN_IMAGES = 2  # images' worth of attention operands kept per attention
+KEEP_IMAGES = 8  # images kept (evenly spaced over the set) per conv input and attention
 ROLES = ("q", "k", "probs", "v")  # AttnQuant.quantizers() order
 
 
@@ -54,9 +56,22 @@ class LayerCalibrator:
             aq = attn_quant_of(model, n)
             if aq is not None:
                 self.attn[n] = aq
+        # Every calibration image goes through the float model once.  Each quantizer's
+        # base range (min, max) is taken over all of them, so clipping factor 1.0 is
+        # exactly minmax; the output-error search runs on a spread-out sample: MAX_ROWS
+        # tokens drawn at random (seeded) for a linear layer, KEEP_IMAGES images evenly
+        # spaced over the set for a conv input and the attention operands.
         self.inputs: dict[str, torch.Tensor] = {}
         self.attn_inputs: dict[str, dict[str, torch.Tensor]] = {}
-        images = data[: max(MAX_IMAGES, 8)]
+        self.ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # quantizer -> (min, max) over all images
+        nimg = data.shape[0]
+        stride = max(1, nimg // KEEP_IMAGES)
+        picked = list(range(0, nimg, stride))[:KEEP_IMAGES]
+
+        def images_of(x: torch.Tensor) -> torch.Tensor:  # rows of x that belong to the picked images
+            per = max(1, x.shape[0] // nimg)
+            return torch.cat([x[i * per:(i + 1) * per] for i in picked])
+
         hooks = []
         for n, m in self.layers.items():
             def pre(mod, args, n=n):
@@ -65,22 +80,25 @@ class LayerCalibrator:
                     from ..ops.io import _pool
 
                     x = _pool(x, mod.pool, mod.prefix)
+                self.ranges[n] = (x.min(), x.max())
                 if isinstance(mod, QuantConv2d):
-                    self.inputs.setdefault(n, x[:MAX_IMAGES].clone())
+                    self.inputs[n] = images_of(x).clone()
                 else:
                     rows = x.reshape(-1, x.shape[-1])
-                    step = max(1, rows.shape[0] // MAX_ROWS)
-                    self.inputs.setdefault(n, rows[::step][:MAX_ROWS].clone())
+                    if rows.shape[0] > MAX_ROWS:
+                        g = torch.Generator().manual_seed(0)
+                        rows = rows[torch.randperm(rows.shape[0], generator=g)[:MAX_ROWS].sort().values]
+                    self.inputs[n] = rows.clone()
             hooks.append(m.register_forward_pre_hook(pre))
         for n, aq in self.attn.items():
             for role, fq in zip(ROLES, aq.quantizers()):
-                def keep(x, n=n, role=role):  # the first ATTN_IMAGES images' (windows') worth
-                    rows = max(1, x.shape[0] // len(images) * ATTN_IMAGES)
-                    self.attn_inputs.setdefault(n, {}).setdefault(role, x[:rows].detach().clone())
+                def keep(x, n=n, role=role):
+                    self.ranges[f"{n}:{role}"] = (x.min(), x.max())
+                    self.attn_inputs.setdefault(n, {})[role] = images_of(x.detach()).clone()
                 fq.observer = keep
         try:
             with torch.no_grad(), float_run(model):
-                model.eval()(images)
+                model.eval()(data)
         finally:
             for h in hooks:
                 h.remove()
@@ -94,16 +112,20 @@ class LayerCalibrator:
             return m._conv_forward(xin, w, m.bias)
         return F.linear(xin, w, m.bias)
 
-    def _fixed_range(self, fq: FakeQuant, x: torch.Tensor) -> None:
-        """minmax / percentile from the kept inputs, no search."""
-        v = x.flatten()
-        lo, hi = (v.min(), v.max()) if self.method == "minmax" else (torch.quantile(v, 1e-4), torch.quantile(v, 1 - 1e-4))
+    def _fixed_range(self, fq: FakeQuant, key: str, x: torch.Tensor) -> None:
+        """minmax (over every calibration image) / percentile (of the kept sample), no search."""
+        if self.method == "minmax":
+            lo, hi = self.ranges[key]
+        else:
+            v = x.flatten()
+            lo, hi = torch.quantile(v, 1e-4), torch.quantile(v, 1 - 1e-4)
         fq.set_range(lo.reshape(1), hi.reshape(1))
 
-    @staticmethod
-    def _search(fq: FakeQuant, x: torch.Tensor, out: Callable[[], torch.Tensor], ref: torch.Tensor) -> float:
-        """The clipping factor of x's range that minimises the MSE of `out()` against `ref`."""
-        lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
+    def _search(self, fq: FakeQuant, key: str, out: Callable[[], torch.Tensor], ref: torch.Tensor) -> float:
+        """The clipping factor of the full range that minimises the MSE of `out()` against
+        `ref` on the kept sample (factor 1.0 is minmax)."""
+        lo, hi = self.ranges[key]
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         best = (float("inf"), 1.0)
         for c in CLIPS:
             fq.set_range((c * lo).reshape(1), (c * hi).reshape(1))
@@ -124,15 +146,16 @@ class LayerCalibrator:
             self._calibrate_attn(name)
         x = self.inputs[name]
         if self.method != "mptq":
-            self._fixed_range(m.input_quant, x)
+            self._fixed_range(m.input_quant, name, x)
             return 0.0
         ref = self._out(m, x, m.weight, quant_input=False)
+        self._search_weight(m, x, ref)
         wq = m.weight_quant(m.weight)  # fixed during the input search
         q = m.input_quant
         if not _is_post_gelu(self.model, name):
-            return self._search(q, x, lambda: self._out(m, x, wq, True), ref)
+            return self._search(q, name, lambda: self._out(m, x, wq, True), ref)
         half = 2 ** (q.bits - 1) - 1  # OPT-m: twin range, m and Δ+ from a grid
-        hi = x.max().clamp(min=0)
+        hi = self.ranges[name][1].clamp(min=0)
         best = (float("inf"), None)
         for c in CLIPS:
             for mm in M_GRID:
@@ -143,24 +166,43 @@ class LayerCalibrator:
         q.set_twin(*best[1])
         return best[0]
 
+    def _search_weight(self, m: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> None:
+        """Per output channel, the clipping factor of the largest magnitude that minimises
+        that channel's output error (channels are independent, so one pass per factor
+        searches them all)."""
+        wq_ = m.weight_quant
+        amax = m.weight.detach().flatten(1).abs().amax(dim=1).clamp_min(1e-12)
+        reduce = (0, 2, 3) if isinstance(m, QuantConv2d) else 0
+        best_err = torch.full_like(amax, float("inf"))
+        best_scale = amax / wq_.qmax
+        for c in CLIPS:
+            wq_.scale.copy_(c * amax / wq_.qmax)
+            err = (self._out(m, x, wq_(m.weight), quant_input=False) - ref).pow(2).mean(dim=reduce)
+            err = err.reshape(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, wq_.scale, best_scale)
+        wq_.scale.copy_(best_scale)
+
     def _calibrate_attn(self, name: str) -> None:
         """Operands of S = q kᵀ, then of A·V, each range chosen by the error of its own
         product (the other operand float first, then quantized), as for the layers."""
         aq, t = self.attn[name], self.attn_inputs[name]
         q, k, p, v = (t[r] for r in ROLES)
+        key = {r: f"{name}:{r}" for r in ROLES}
         if self.method != "mptq":
             for role, fq in zip(ROLES, aq.quantizers()):
-                self._fixed_range(fq, t[role])
+                self._fixed_range(fq, key[role], t[role])
             return
         kt = k.transpose(-2, -1)
         ref = q @ kt
-        self._search(aq.q, q, lambda: aq.q(q) @ kt, ref)
+        self._search(aq.q, key["q"], lambda: aq.q(q) @ kt, ref)
         qq = aq.q(q)
-        self._search(aq.k, k, lambda: qq @ aq.k(k).transpose(-2, -1), ref)
+        self._search(aq.k, key["k"], lambda: qq @ aq.k(k).transpose(-2, -1), ref)
         ref = p @ v
-        self._search(aq.probs, p, lambda: aq.probs(p) @ v, ref)
+        self._search(aq.probs, key["probs"], lambda: aq.probs(p) @ v, ref)
         pq = aq.probs(p)
-        self._search(aq.v, v, lambda: pq @ aq.v(v), ref)
+        self._search(aq.v, key["v"], lambda: pq @ aq.v(v), ref)
 
     def calibrate_all(self, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
         errs = {}
