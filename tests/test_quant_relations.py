@@ -85,11 +85,11 @@ def test_mptq_kl_is_lower_than_minmax(results, setting):
 
 
 # One held-out image is 100/359 = 0.28 points, more than the issue's 0.2-point slack, so
-# at high widths a single image decides this relation.  The case below misses by exactly
-# one image (minmax 97.49% scores above FP32's 97.21%; mptq's KL is 2.6x lower).  It is
-# recorded, not hidden: it stays an expected failure until mptq wins it (non-strict,
-# since one image can flip with the CPU's float rounding).
-ONE_IMAGE_MISSES = {"MP 5": "mptq 97.21% vs minmax 97.49% on 359 held-out images: one image"}
+# at high widths a single image decides this relation.  At MP 5 the two methods are one
+# image apart, and which way has flipped with small calibration changes (with the
+# per-channel weight search it passes here: XPASS).  Marked non-strict so that one image
+# flipping with another CPU's float rounding cannot fail CI; every other case is strict.
+ONE_IMAGE_MISSES = {"MP 5": "mptq and minmax are one held-out image (0.28 points) apart at MP 5"}
 
 
 @pytest.mark.parametrize("setting", [

@@ -28,6 +28,7 @@ from .fake import AttnQuant, FakeQuant, QuantConv2d, QuantLinear, attn_quant_of
 
 CLIPS = tuple(round(0.3 + 0.1 * i, 1) for i in range(8))  # 0.3 .. 1.0 of the observed range
 M_GRID = tuple(range(0, 6))
+WCLIPS = tuple(round(0.5 + 0.025 * i, 3) for i in range(21))  # 0.5 .. 1.0 of a weight channel's largest magnitude
 MAX_ROWS = 512  # tokens (linear) kept per layer for the output-error search
 KEEP_IMAGES = 8  # images kept (evenly spaced over the set) per conv input and attention
 ROLES = ("q", "k", "probs", "v")  # AttnQuant.quantizers() order
@@ -175,7 +176,7 @@ class LayerCalibrator:
         reduce = (0, 2, 3) if isinstance(m, QuantConv2d) else 0
         best_err = torch.full_like(amax, float("inf"))
         best_scale = amax / wq_.qmax
-        for c in CLIPS:
+        for c in WCLIPS:
             wq_.scale.copy_(c * amax / wq_.qmax)
             err = (self._out(m, x, wq_(m.weight), quant_input=False) - ref).pow(2).mean(dim=reduce)
             err = err.reshape(-1)
