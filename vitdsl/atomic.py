@@ -25,6 +25,21 @@ def _normal_modes(root: str) -> None:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
 
 
+def writable_parent(path: str, what: str = "output") -> str:
+    """The nearest existing directory above `path`, where its files (and any missing
+    directories) will be created; a SpecError unless it is a writable directory."""
+    from .errors import SpecError
+
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise SpecError(f"{what} {path} is not writable: {probe} is not a directory", filename=path)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SpecError(f"{what} {path} is not writable: permission denied on {probe}", filename=path)
+    return probe
+
+
 def write_text(path: str, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same directory + rename."""
     d = os.path.dirname(os.path.abspath(path))

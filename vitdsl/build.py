@@ -25,7 +25,7 @@ import os
 import platform
 from typing import Callable
 
-from .atomic import staged_dir
+from .atomic import staged_dir, writable_parent
 from .errors import SpecError
 from .graph import Graph
 
@@ -96,13 +96,7 @@ def check_writable(out: str) -> None:
     path = os.path.abspath(out)
     if os.path.exists(path) and not os.path.isdir(path):
         raise SpecError(f"output {out} exists and is not a directory", filename=out)
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise SpecError(f"output directory {out} is not writable: {parent} is not a directory", filename=out)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SpecError(f"output directory {out} is not writable: permission denied on {parent}", filename=out)
+    writable_parent(out, "output directory")
 
 
 def build(graph: Graph, out: str, backend: str = "torch", seed: int = 0, weights: str | None = None,

@@ -86,9 +86,6 @@ def cmd_build(args) -> int:
 
     g = _load(args)
     out = args.output or os.path.join("build", g.name)
-    parent = os.path.dirname(os.path.abspath(out))
-    if os.path.exists(parent) and not os.access(parent, os.W_OK):
-        raise SpecError(f"cannot write to {parent}: permission denied", filename=out)
     from .build import parse_batch
 
     batch = parse_batch(args.batch) if args.batch else None
@@ -299,7 +296,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    return run(make_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; user errors become a message and exit code 1, not a traceback."""
     try:
         return args.func(args)
     except SpecError as e:

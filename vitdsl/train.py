@@ -51,6 +51,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .atomic import writable_parent
 from .errors import SpecError
 
 SPLIT_SEED = 0
@@ -331,14 +332,7 @@ def _check_output(out: str) -> str:
         raise SpecError("output must end in .safetensors (the metrics go beside it, as .json)", filename=out)
     if os.path.isdir(out):
         raise SpecError("output is a directory; give a file name ending in .safetensors", filename=out)
-    parent = os.path.dirname(os.path.abspath(out))
-    probe = parent
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise SpecError(f"cannot write here: {probe} is not a directory", filename=out)
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise SpecError(f"cannot write to {probe}: permission denied", filename=out)
+    probe = writable_parent(out)
     try:  # the only sure test: create (and remove) a file where the outputs will go
         fd, tmp = tempfile.mkstemp(prefix=".vitdsl-probe-", dir=probe)
         os.close(fd)
@@ -681,14 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_cli(sub)
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except SpecError as e:
-        print(str(e), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    from .cli import run
+
+    return run(args)
 
 
 if __name__ == "__main__":  # pragma: no cover
