@@ -15,6 +15,7 @@ import datetime as _dt
 import math
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -60,6 +61,17 @@ def quantile(xs: Sequence[float], q: float) -> float:
 
 def iqr(xs: Sequence[float]) -> tuple[float, float]:
     return quantile(xs, 0.25), quantile(xs, 0.75)
+
+
+def bootstrap_ratio(a: Sequence[float], b: Sequence[float], iters: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of median(a)/median(b), resampling the pairs (a[i], b[i]) together."""
+    rng = random.Random(seed)
+    n = len(a)
+    rs = []
+    for _ in range(iters):
+        idx = [rng.randrange(n) for _ in range(n)]
+        rs.append(median([a[i] for i in idx]) / median([b[i] for i in idx]))
+    return quantile(rs, 0.025), quantile(rs, 0.975)
 
 
 def linfit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float]:

@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import random
 import sys
 import time
 
@@ -52,17 +51,6 @@ def build_pair(name: str):
         x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         diff = (ours(x) - theirs(x)).abs().max().item()
     return ours, theirs, diff
-
-
-def bootstrap_ratio(a: list[float], b: list[float], iters: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of median(a)/median(b), resampling the pairs."""
-    rng = random.Random(seed)
-    n = len(a)
-    rs = []
-    for _ in range(iters):
-        idx = [rng.randrange(n) for _ in range(n)]
-        rs.append(C.median([a[i] for i in idx]) / C.median([b[i] for i in idx]))
-    return C.quantile(rs, 0.025), C.quantile(rs, 0.975)
 
 
 def measure(ours, theirs, batch: int, warmup: int, runs: int) -> dict:
@@ -148,7 +136,7 @@ def main(argv=None) -> int:
                 raw[f"{name}/t{threads}/b{batch}"] = r
                 mo, mt = C.median(r["vitdsl"]), C.median(r["timm"])
                 ratio = mo / mt
-                lo, hi = bootstrap_ratio(r["vitdsl"], r["timm"])
+                lo, hi = C.bootstrap_ratio(r["vitdsl"], r["timm"])
                 pair = C.median([a / b for a, b in zip(r["vitdsl"], r["timm"])])
                 cpu_ratio = C.median(r["vitdsl_cpu"]) / C.median(r["timm_cpu"])
                 ok = ratio <= TARGET

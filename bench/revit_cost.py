@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import os
-import random
 import sys
 import time
 
@@ -75,16 +74,6 @@ def build():
     facts = {"missing": list(res.missing_keys), "params_vit": n_vit, "params_revit": n_re,
              "alpha1_maxdiff": same, "alpha05_maxdiff": mixed, "logit_scale": ref.abs().max().item()}
     return g_vit, g_re, vit, revit, facts
-
-
-def bootstrap_ratio(a, b, iters: int = 2000, seed: int = 0):
-    rng = random.Random(seed)
-    n = len(a)
-    rs = []
-    for _ in range(iters):
-        idx = [rng.randrange(n) for _ in range(n)]
-        rs.append(C.median([a[i] for i in idx]) / C.median([b[i] for i in idx]))
-    return C.quantile(rs, 0.025), C.quantile(rs, 0.975)
 
 
 def measure(vit, revit, batch: int, warmup: int, runs: int) -> dict:
@@ -175,7 +164,7 @@ def main(argv=None) -> int:
         raw[batch] = r
         mv, mr = C.median(r["vit"]), C.median(r["revit"])
         ratio = mr / mv
-        lo, hi = bootstrap_ratio(r["revit"], r["vit"])
+        lo, hi = C.bootstrap_ratio(r["revit"], r["vit"])
         paired = C.median([a / b for a, b in zip(r["revit"], r["vit"])])
         cpu_ratio = C.median(r["revit_cpu"]) / C.median(r["vit_cpu"])
         if ratio <= TARGET:
