@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from vitdsl.graph import Graph
 from vitdsl.ops.base import REGISTRY
+from vitdsl.ops.inplace import held_only_by_caller, inference_reuse_allowed
 
 
 class VitModel(nn.Module):
@@ -53,21 +54,52 @@ class VitModel(nn.Module):
             if i != len(plan) - 1:
                 release[step].append(i)
         # Plain attributes (not registered twice): the modules in execution order.
-        self._steps = [(self.get_submodule(name), is_input, refs, tuple(release[k]))
+        self._steps = [(self.get_submodule(name), is_input, refs, tuple(release[k]),
+                        _donation(self.get_submodule(name), refs, release[k]))
                        for k, (name, is_input, refs) in enumerate(plan)]
         self.__dict__["graph"] = graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values: list = []
-        for module, is_input, refs, release in self._steps:
+        donating = inference_reuse_allowed()
+        for module, is_input, refs, release, donate in self._steps:
             if is_input:
                 values.append(module(x))
             else:
-                values.append(module(*[values[i] if p < 0 else values[i][p] for i, p in refs]))
+                args = [values[i] if p < 0 else values[i][p] for i, p in refs]
+                if donating and donate is not None and _sole_owner(args, values, donate):
+                    values.append(module(*args, into=donate[0]))
+                else:
+                    values.append(module(*args))
             for i in release:
                 values[i] = None
         out = values[-1]
         return out[0] if isinstance(out, tuple) else out
+
+
+# ------------------------------------------------------------ buffer donation
+def _donation(module: nn.Module, refs: tuple, released: list[int]) -> tuple[int, int] | None:
+    """(input position, value slot) that `module` may write its result into: an input
+    that dies at this step and appears once (see vitdsl.ops.inplace), or None."""
+    if not getattr(module, "donates", False):
+        return None
+    slots = [i for i, _ in refs]
+    for k in (len(refs) - 1, 0):
+        i, port = refs[k]
+        if (k == 0 or len(refs) == 2) and port < 0 and i in released and slots.count(i) == 1:
+            return k, i
+    return None
+
+
+def _sole_owner(args: list, values: list, donate: tuple[int, int]) -> bool:
+    """Drop the executor's other references to the donated input (it is released after
+    this step anyway), then ask whether anything else holds it."""
+    k, slot = donate
+    t = args[k]
+    args[k] = values[slot] = None
+    ok = held_only_by_caller(t)
+    args[k] = t
+    return ok
 
 
 # ------------------------------------------------------------ initialisation

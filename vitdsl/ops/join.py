@@ -10,11 +10,29 @@ from .base import Attrs, OpDef, register_op
 
 
 class Add(nn.Module):
-    def forward(self, *xs):
+    """Elementwise sum.  In inference the executor may hand over an input that nothing
+    else holds (`into=k`; vitdsl.ops.inplace): the sum is then written into it instead
+    of a new tensor.  Same additions in the same order, so bit-identical."""
+
+    donates = True
+
+    def forward(self, *xs, into: int | None = None):
+        if into is not None and _can_write_into(xs, into):
+            out = xs[into]
+            for j, x in enumerate(xs):
+                if j != into:
+                    out.add_(x)  # into is 0, or the other of two inputs: a + b == b + a exactly
+            return out
         out = xs[0]
         for x in xs[1:]:
             out = out + x
         return out
+
+
+def _can_write_into(xs: tuple, k: int) -> bool:
+    t = xs[k]
+    return (k == 0 or len(xs) == 2) and all(x.shape == t.shape and x.dtype == t.dtype and x.device == t.device
+                                            for x in xs)
 
 
 @register_op

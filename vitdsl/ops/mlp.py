@@ -3,16 +3,27 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 import torch.nn as nn
 from pydantic import Field
 
 from ..types import Cost
 from .base import Attrs, OpDef, register_op
+from .inplace import held_only_by_caller, inference_reuse_allowed, unhooked
 from .init import trunc_normal
 
+class GELU(nn.GELU):
+    """nn.GELU that can overwrite its input (`inplace=True`, used by Mlp in inference)."""
+
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        if inplace:
+            return torch.ops.aten.gelu_(x, approximate=self.approximate)
+        return super().forward(x)
+
+
 ACTIVATIONS = {
-    "gelu": lambda: nn.GELU(),
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu": lambda: GELU(),
+    "gelu_tanh": lambda: GELU(approximate="tanh"),
     "relu": lambda: nn.ReLU(),
     "silu": lambda: nn.SiLU(),
 }
@@ -26,7 +37,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if isinstance(self.act, GELU) and inference_reuse_allowed() and unhooked(self.act) and held_only_by_caller(h):
+            return self.fc2(self.act(h, inplace=True))  # the hidden activation dies here: no new buffer
+        return self.fc2(self.act(h))
 
 
 @register_op
