@@ -14,8 +14,9 @@ spec, the epochs or the seed change (or with --retrain).
 
 Quantization: `vitdsl.quant.quantize.quantize` (the code of `vitdsl quantize`) with
 `bits=wNaM` for the uniform rows and `budget=B` for the greedy mixed-precision rows,
-calibrated on a fixed set of training images (the first N of a seeded permutation of
-the training split; never held-out images).  Every cell is scored on the 359 held-out
+calibrated on fixed sets of training images (the first N of a seeded permutation of
+the training split; never held-out images), each cell the mean over --draws such sets
+(permutation seeds 0, 1, ...).  Every cell is scored on the 359 held-out
 images: top-1 accuracy and the mean KL(p_fp32 || p_quantized) of the softmax of the
 logits, in nats.
 
@@ -120,11 +121,11 @@ def trained(name: str, out_dir: str, retrain: bool) -> tuple[Any, dict, dict]:
     return g, load_file(out), m
 
 
-def calibration_set(d, n: int):
-    """The first n images of a fixed permutation of the training split."""
+def calibration_set(d, n: int, draw: int = 0):
+    """The first n images of a fixed permutation (seed CALIB_SEED + draw) of the training split."""
     import torch
 
-    idx = torch.randperm(len(d.y_train), generator=torch.Generator().manual_seed(CALIB_SEED))[:n]
+    idx = torch.randperm(len(d.y_train), generator=torch.Generator().manual_seed(CALIB_SEED + draw))[:n]
     return d.batch(d.x_train, idx)
 
 
@@ -142,8 +143,9 @@ def score(model, x, y, ref_logp) -> tuple[int, float, Any]:
     return correct, kl, logq
 
 
-def run_model(name: str, rows: list[str], n_calib: int, out_dir: str, retrain: bool) -> dict:
-    """Every row x method for one model; returns its results (JSON-ready)."""
+def run_model(name: str, rows: list[str], n_calib: int, out_dir: str, retrain: bool, draws: int = 1) -> dict:
+    """Every row x method for one model, each cell the mean over `draws` calibration sets
+    (different images each); returns its results (JSON-ready)."""
     import torch
 
     import vitdsl
@@ -153,7 +155,7 @@ def run_model(name: str, rows: list[str], n_calib: int, out_dir: str, retrain: b
 
     g, state, m = trained(name, out_dir, retrain)
     d = load_digits(tuple(g.input.out.shape))
-    calib = calibration_set(d, n_calib)
+    calibs = [calibration_set(d, n_calib, k) for k in range(draws)]
     x_test = d.batch(d.x_test, torch.arange(len(d.y_test)))
     n = len(d.y_test)
     fmodel = vitdsl.compile(g).eval()
@@ -162,7 +164,7 @@ def run_model(name: str, rows: list[str], n_calib: int, out_dir: str, retrain: b
     res: dict[str, Any] = {
         "spec": f"specs/{name}.vit", "params": m["params"], "train_acc_reported": m["test_acc"],
         "train": {k: m[k] for k in ("epochs", "steps", "batch_size", "lr", "seed", "split_seed", "seconds")},
-        "test_size": n, "calib_images": int(calib.shape[0]), "rows": {},
+        "test_size": n, "calib_images": int(calibs[0].shape[0]), "calib_draws": draws, "rows": {},
     }
     res["rows"]["FP32"] = {meth: {"correct": correct, "acc": 100.0 * correct / n, "kl": 0.0} for meth in METHODS}
     log(f"{name}: FP32 held-out {100.0 * correct / n:.2f}% ({correct}/{n})")
@@ -172,18 +174,24 @@ def run_model(name: str, rows: list[str], n_calib: int, out_dir: str, retrain: b
             continue
         res["rows"][row] = {}
         for meth in METHODS:
-            t0 = time.perf_counter()
-            qg, qm, _ = quantize(g, state, calib, method=meth, **kw)
-            secs = time.perf_counter() - t0
-            c, kl, _ = score(qm, x_test, d.y_test, ref_logp)
-            s = summary(qg)
-            cell = {"correct": c, "acc": 100.0 * c / n, "kl": kl, "seconds": round(secs, 3),
-                    "avg_weight_bits": round(s["avg_weight_bits"], 4), "avg_act_bits": round(s["avg_act_bits"], 4)}
-            if "budget" in kw:
-                cell["bits"] = {k: str(v) for k, v in qg.bits.items()}
-            res["rows"][row][meth] = cell
-            log(f"{name}: {row:<6} {meth:<10} acc {cell['acc']:6.2f}%  KL {kl:.4g}  "
-                f"(avg w{s['avg_weight_bits']:.2f} a{s['avg_act_bits']:.2f}, {secs:.1f} s)")
+            per_draw = []
+            for k, calib in enumerate(calibs):
+                t0 = time.perf_counter()
+                qg, qm, _ = quantize(g, state, calib, method=meth, **kw)
+                secs = time.perf_counter() - t0
+                c, kl, _ = score(qm, x_test, d.y_test, ref_logp)
+                s = summary(qg)
+                one = {"correct": c, "acc": 100.0 * c / n, "kl": kl, "seconds": round(secs, 3),
+                       "avg_weight_bits": round(s["avg_weight_bits"], 4), "avg_act_bits": round(s["avg_act_bits"], 4)}
+                if "budget" in kw:
+                    one["bits"] = {k: str(v) for k, v in qg.bits.items()}
+                per_draw.append(one)
+                log(f"{name}: {row:<6} {meth:<10} draw {k}: acc {one['acc']:6.2f}%  KL {kl:.4g}  "
+                    f"(avg w{s['avg_weight_bits']:.2f} a{s['avg_act_bits']:.2f}, {secs:.1f} s)")
+            mean = lambda key: sum(o[key] for o in per_draw) / len(per_draw)  # noqa: E731
+            res["rows"][row][meth] = {"acc": mean("acc"), "kl": mean("kl"), "seconds": round(mean("seconds"), 3),
+                                      "avg_weight_bits": round(mean("avg_weight_bits"), 4),
+                                      "avg_act_bits": round(mean("avg_act_bits"), 4), "draws": per_draw}
     return res
 
 
@@ -332,7 +340,7 @@ def verdict_lines(checks: list[dict], timing: dict | None, results: dict | None 
     return out
 
 
-def doc_body(results: dict, checks: list[dict], timing: dict | None, n_calib: int, load0: str, load1: str,
+def doc_body(results: dict, checks: list[dict], timing: dict | None, n_calib: int, draws: int, load0: str, load1: str,
              threads: int, rev: str) -> str:
     summary = ["Targets (issue 4 §5):", "", *verdict_lines(checks, timing, results)]
     lines = C.section("Post-training quantization: accuracy and KL (digits)", summary, load0, load1)
@@ -350,9 +358,12 @@ def doc_body(results: dict, checks: list[dict], timing: dict | None, n_calib: in
         "Data: scikit-learn's digits, upsampled to 1x16x16, the fixed stratified split (split seed 0): "
         "1438 training and 359 held-out images. Quantization: `vitdsl.quant.quantize.quantize`, the code of "
         f"`vitdsl quantize SPEC --weights W --calib C (--bits wNaM | --budget B) --method M`, calibrated on {n_calib} "
-        f"training images (the first {n_calib} of a fixed permutation, seed {CALIB_SEED}). Uniform rows: every linear "
+        f"training images (the first {n_calib} of a fixed permutation of the training split); every cell is the mean "
+        f"over {draws} such calibration sets (permutation seeds {CALIB_SEED}..{CALIB_SEED + draws - 1}), since one set's "
+        "luck moves the high-width figures by more than the differences between methods. Uniform rows: every linear "
         "and conv at wNaM; MP rows: greedy mixed precision over widths {4, 5, 6, 8} at that average budget "
-        "(weights and inputs). Figures on the 359 held-out images: top-1 accuracy (one image = 0.28 points) and "
+        "(weights and inputs). Figures on the 359 held-out images: top-1 accuracy (one image = 0.28 points; "
+        f"a mean over {draws} sets moves in steps of {0.28 / draws:.2g}) and "
         "the mean KL(p_fp32 || p_quantized) of the logits' softmax, in nats.",
         "",
     ]
@@ -383,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, metavar="ROW",
                     help=f"rows to run (default: all: {', '.join(ROWS)})")
     ap.add_argument("--calib", type=int, default=64, metavar="N", help="calibration images (default: %(default)s)")
+    ap.add_argument("--draws", type=int, default=3, metavar="K",
+                    help="independent calibration sets per cell; the table shows the means (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1, metavar="N",
                     help="torch intra-op threads for training and the table (default: %(default)s)")
     ap.add_argument("--out-dir", default=str(C.ROOT / "build" / "quant_table"), help="cache of weights (default: %(default)s)")
@@ -417,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     checks: list[dict] = []
     if not args.no_table:
         for name in args.models:
-            results[name] = run_model(name, rows, n_calib, args.out_dir, args.retrain)
+            results[name] = run_model(name, rows, n_calib, args.out_dir, args.retrain, 1 if args.quick else args.draws)
             checks += check(name, results[name])
     timing = vit_small_timing(args.out_dir, args.timing_threads, args.timing_bits) if args.vit_small_timing else None
     load1 = C.loadavg()
@@ -438,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_doc and not args.quick:
         if args.no_table:
             ap.error("--write-doc needs the table (drop --no-table)")
-        C.update_doc(SECTION, doc_body(results, checks, timing, n_calib, load0, load1, args.threads, rev),
+        C.update_doc(SECTION, doc_body(results, checks, timing, n_calib, args.draws, load0, load1, args.threads, rev),
                      doc=Path(args.doc))
         log(f"updated {args.doc} (section {SECTION})")
     ok = all(c["met"] for c in checks) and (timing is None or timing["met"])
