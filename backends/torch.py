@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from vitdsl.graph import Graph
 from vitdsl.ops.base import REGISTRY
-from vitdsl.ops.inplace import held_only_by_caller, inference_reuse_allowed
+from vitdsl.ops.inplace import donor, held_only_by_caller, inference_reuse_allowed
 
 
 class VitModel(nn.Module):
@@ -55,7 +55,7 @@ class VitModel(nn.Module):
                 release[step].append(i)
         # Plain attributes (not registered twice): the modules in execution order.
         self._steps = [(self.get_submodule(name), is_input, refs, tuple(release[k]),
-                        _donation(self.get_submodule(name), refs, release[k]))
+                        _donation(REGISTRY[graph.node(name).op], refs, release[k]))
                        for k, (name, is_input, refs) in enumerate(plan)]
         self.__dict__["graph"] = graph
 
@@ -78,17 +78,14 @@ class VitModel(nn.Module):
 
 
 # ------------------------------------------------------------ buffer donation
-def _donation(module: nn.Module, refs: tuple, released: list[int]) -> tuple[int, int] | None:
-    """(input position, value slot) that `module` may write its result into: an input
-    that dies at this step and appears once (see vitdsl.ops.inplace), or None."""
-    if not getattr(module, "donates", False):
+def _donation(opdef, refs: tuple, released: list[int]) -> tuple[int, int] | None:
+    """(input position, value slot) that the node may write its result into (see
+    vitdsl.ops.inplace.donor), or None."""
+    if not opdef.reuses_dead_input:
         return None
     slots = [i for i, _ in refs]
-    for k in (len(refs) - 1, 0):
-        i, port = refs[k]
-        if (k == 0 or len(refs) == 2) and port < 0 and i in released and slots.count(i) == 1:
-            return k, i
-    return None
+    k = donor([p < 0 and i in released and slots.count(i) == 1 for i, p in refs])
+    return None if k is None else (k, refs[k][0])
 
 
 def _sole_owner(args: list, values: list, donate: tuple[int, int]) -> bool:

@@ -46,9 +46,9 @@ TOK = 4 * 8 * F32  # 128
 HID = 4 * 16 * F32  # 256
 LOGITS = 3 * F32  # 12
 IMAGE = 3 * 8 * 8 * F32  # 768
-# b (mlp): fc1's output and the activation's are alive together (2 hidden), later the
-# activation's and fc2's (hidden + tokens); its peak beyond its own output:
-MLP_WS = max(2 * HID, HID + TOK) - TOK  # 384
+# b (mlp): GELU overwrites fc1's output in inference (1 hidden), later the activation's
+# and fc2's (hidden + tokens) are alive together; its peak beyond its own output:
+MLP_WS = max(HID, HID + TOK) - TOK  # 256
 
 
 def test_hand_graph_liveness():
@@ -63,11 +63,12 @@ def test_hand_graph_liveness():
     # live before each node / its peak, by hand:
     #   patch_embed: nothing alive; peak = its output
     #   a: patch_embed                       b: patch_embed, a
-    #   c: patch_embed, b (a released)       d: c (patch_embed, b released)
-    #   head: d (c released)
+    #   c: patch_embed, b (a released); both die at c, so the sum is written into b:
+    #      no new memory, and b's bytes become c's
+    #   d: c (patch_embed released)          head: d (c released)
     expect_live = {"input": 0, "patch_embed": 0, "a": TOK, "b": 2 * TOK, "c": 2 * TOK, "d": TOK, "head": TOK}
     expect_peak = {
-        "input": 0, "patch_embed": TOK, "a": 2 * TOK, "b": 3 * TOK + MLP_WS, "c": 3 * TOK,
+        "input": 0, "patch_embed": TOK, "a": 2 * TOK, "b": 3 * TOK + MLP_WS, "c": 2 * TOK,
         "d": 2 * TOK + 1000, "head": TOK + LOGITS,
     }
     assert {k: s.live_before for k, s in steps.items()} == expect_live
@@ -133,7 +134,9 @@ def test_global_attention_workspace_by_hand(extra):
         assert workspace_bytes(g, "blocks.1.attn") == F32 * later
     else:
         assert workspace_bytes(g, "blocks.0.attn") == workspace_bytes(g, "blocks.1.attn") == F32 * fused
-    assert workspace_bytes(g, "blocks.0.mlp") == F32 * (2 * 4 * TC - TC)
+    assert workspace_bytes(g, "blocks.0.mlp") == F32 * 4 * TC  # hidden (4 TC), GELU in place; then hidden + out
+    relu = vitdsl.loads(vit_text(64, extra, dim=32, heads=2, depth=2).replace("mlp=4.0", "mlp=4.0 act=relu"))
+    assert workspace_bytes(relu, "blocks.0.mlp") == F32 * (2 * 4 * TC - TC)  # fc1's and relu's outputs together
 
 
 def test_window_attention_workspace_by_hand():

@@ -44,6 +44,9 @@ class OpDef:
     word_fields: ClassVar[tuple[str, ...]] = ()  # fields a bare word of the same name sets
     composite: ClassVar[bool] = False
     has_weights: ClassVar[bool] = False
+    # In inference the module may write its output into an input that dies at its step
+    # (it then takes `into=k`; vitdsl.ops.inplace): the executor and the memory model ask.
+    reuses_dead_input: ClassVar[bool] = False
 
     # -- rules ---------------------------------------------------------------
     def infer(self, node: "Node", ins: list[TensorType]) -> TensorType:

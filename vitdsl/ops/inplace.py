@@ -21,6 +21,19 @@ import torch.nn as nn
 from torch.nn.modules import module as _module
 
 
+def donor(eligible: list[bool]) -> int | None:
+    """Which input an op that reuses a dead input (OpDef.reuses_dead_input) writes into:
+    the second of two (a residual sum's branch), else the first; None when that input is
+    not eligible (it must die at this step, appear once, and be a single-output value).
+    The executor (backends/torch.py) and the memory model (vitdsl.passes.memory) both
+    ask this."""
+    n = len(eligible)
+    for k in (n - 1, 0):
+        if (k == 0 or n == 2) and eligible[k]:
+            return k
+    return None
+
+
 def inference_reuse_allowed() -> bool:
     """True outside autograd recording and graph capture."""
     return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()

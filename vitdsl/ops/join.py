@@ -14,8 +14,6 @@ class Add(nn.Module):
     else holds (`into=k`; vitdsl.ops.inplace): the sum is then written into it instead
     of a new tensor.  Same additions in the same order, so bit-identical."""
 
-    donates = True
-
     def forward(self, *xs, into: int | None = None):
         if into is not None and _can_write_into(xs, into):
             out = xs[into]
@@ -42,6 +40,7 @@ class AddOp(OpDef):
     kind = "add"
     default_name = "add"
     inputs = (2, None)
+    reuses_dead_input = True  # its module takes `into=k` (vitdsl.ops.inplace)
 
     class Attrs(Attrs):
         pass

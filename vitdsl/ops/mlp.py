@@ -21,6 +21,7 @@ class GELU(nn.GELU):
         return super().forward(x)
 
 
+INPLACE_ACTS = ("gelu", "gelu_tanh")  # built as GELU, which Mlp runs in place in inference
 ACTIVATIONS = {
     "gelu": lambda: GELU(),
     "gelu_tanh": lambda: GELU(approximate="tanh"),
@@ -84,8 +85,9 @@ class MlpOp(OpDef):
     def workspace(self, node, ins, out):
         """fc1's output and the activation's are both alive while the activation runs
         (2 hidden), then the activation's and fc2's (hidden + output): the larger,
-        beyond the output."""
+        beyond the output.  GELU runs in place in inference (Mlp.forward): 1 hidden."""
         c = out.channels
         tokens = out.shape[0] if out.kind == "tokens" else 1
         hidden = self.hidden(node, c)
-        return 4 * tokens * (max(2 * hidden, hidden + c) - c)
+        during_act = hidden if node.attrs.act in INPLACE_ACTS else 2 * hidden
+        return 4 * tokens * (max(during_act, hidden + c) - c)

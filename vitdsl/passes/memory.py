@@ -17,7 +17,10 @@ The model, node by node along ``graph.order``:
   ``workspace(n)`` is :meth:`vitdsl.OpDef.workspace`, the op's temporaries at its own
   high-water mark (the qkv projection, attention's score matrix when it is
   materialised, window-partition copies, the MLP's hidden activation, ...);
-* then the outputs whose last consumer was ``n`` are released.
+* then the outputs whose last consumer was ``n`` are released;
+* an op that reuses a dead input (``OpDef.reuses_dead_input``: the residual add) writes
+  its output into that input when it dies at this step (vitdsl.ops.inplace.donor, the
+  executor's own rule): no new allocation, and the input's bytes pass to the output.
 
 What the executor keeps alive is an assumption, and it is a parameter:
 
@@ -43,6 +46,7 @@ from dataclasses import dataclass
 
 from ..graph import Graph
 from ..ops.base import REGISTRY
+from ..ops.inplace import donor
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,14 @@ def memory_profile(graph: Graph, batch: int = 1, free_after_last_use: bool = Tru
         out *= batch
         ws = workspace_bytes(graph, n.name) * batch
         size[n.name] = out
+        if free_after_last_use and REGISTRY[n.op].reuses_dead_input:
+            names = [r.partition("#") for r in n.inputs]
+            k = donor([not port and last[name] == i and sum(m == name for m, _, _ in names) == 1
+                       and graph.node(name).scores is None and graph.node(name).op != "input"
+                       for name, _, port in names])
+            if k is not None:  # the output takes over the dying input's memory
+                out = 0
+                size[n.name], size[names[k][0]] = size[names[k][0]], 0
         released = 0
         if free_after_last_use:
             released = sum(size[m] for m in expiring.get(i, ()))
