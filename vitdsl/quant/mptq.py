@@ -6,8 +6,8 @@ Quantization for Vision Transformer", 2024).
   Δ+ = 2^m·Δ-, with m (and Δ+) chosen per layer from a grid by the error of the
   layer's output on calibration data.
 - The same output-error search picks every other layer's input range (a clipping
-  factor on the min/max range), and the ranges of the attention operands (q, k by the
-  error of q kᵀ; softmax output and v by the error of A·V).
+  factor on the min/max range), and the ranges of the attention operands (q, k, the
+  softmax output and v, each by the error of A·V).
 - Weights: per output channel, a clipping factor on the largest magnitude chosen by
   that channel's output error (the same search, on the weight side).
 - Greedy MP (§3.3): see `greedy_mixed_precision`.
@@ -15,6 +15,12 @@ Quantization for Vision Transformer", 2024).
 Ranges start from the minimum and maximum over every calibration image; the searches
 run on a sample (seeded random tokens, evenly spaced images).  The search is
 deterministic: ties go to the earlier candidate.
+
+Overfitting guard: a search may leave the minmax setting (the full range, symmetric)
+only for a candidate that lowers the output error on each half of the sample (even and
+odd calibration images) separately, not just on their sum.  With a few dozen images a
+gain smaller than the sample's own noise (typical at 8 bits) otherwise picks clipping
+that does not carry over to unseen images.
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ import torch.nn.functional as F
 
 from .fake import AttnQuant, FakeQuant, QuantConv2d, QuantLinear, attn_quant_of
 
-CLIPS = tuple(round(0.3 + 0.1 * i, 1) for i in range(8))  # 0.3 .. 1.0 of the observed range
+# Clipping factors of the observed range: 0.3 .. 0.9 by 0.1, then finer towards 1.0, where
+# the optimum lies at high widths (a step from 1.0 straight to 0.9 clips more than 8 bits want).
+CLIPS = tuple(round(0.3 + 0.1 * i, 1) for i in range(7)) + (0.95, 0.975, 1.0)
 M_GRID = tuple(range(0, 6))
 WCLIPS = tuple(round(0.5 + 0.025 * i, 3) for i in range(21))  # 0.5 .. 1.0 of a weight channel's largest magnitude
 MAX_ROWS = 512  # tokens (linear) kept per layer for the output-error search
@@ -65,6 +73,7 @@ class LayerCalibrator:
         self.inputs: dict[str, torch.Tensor] = {}
         self.attn_inputs: dict[str, dict[str, torch.Tensor]] = {}
         self.ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # quantizer -> (min, max) over all images
+        self.halves: dict[str, torch.Tensor] = {}  # layer -> which sample rows come from even calibration images
         nimg = data.shape[0]
         stride = max(1, nimg // KEEP_IMAGES)
         picked = list(range(0, nimg, stride))[:KEEP_IMAGES]
@@ -72,6 +81,10 @@ class LayerCalibrator:
         def images_of(x: torch.Tensor) -> torch.Tensor:  # rows of x that belong to the picked images
             per = max(1, x.shape[0] // nimg)
             return torch.cat([x[i * per:(i + 1) * per] for i in picked])
+
+        def halves_of(x: torch.Tensor) -> torch.Tensor:  # the same rows: from an even-numbered picked image?
+            per = max(1, x.shape[0] // nimg)
+            return (torch.arange(len(picked) * per) // per) % 2 == 0
 
         hooks = []
         for n, m in self.layers.items():
@@ -84,18 +97,22 @@ class LayerCalibrator:
                 self.ranges[n] = (x.min(), x.max())
                 if isinstance(mod, QuantConv2d):
                     self.inputs[n] = images_of(x).clone()
+                    self.halves[n] = halves_of(x)
                 else:
                     rows = x.reshape(-1, x.shape[-1])
+                    idx = torch.arange(rows.shape[0])
                     if rows.shape[0] > MAX_ROWS:
                         g = torch.Generator().manual_seed(0)
-                        rows = rows[torch.randperm(rows.shape[0], generator=g)[:MAX_ROWS].sort().values]
-                    self.inputs[n] = rows.clone()
+                        idx = torch.randperm(rows.shape[0], generator=g)[:MAX_ROWS].sort().values
+                    self.inputs[n] = rows[idx].clone()
+                    self.halves[n] = (idx // max(1, rows.shape[0] // nimg)) % 2 == 0
             hooks.append(m.register_forward_pre_hook(pre))
         for n, aq in self.attn.items():
             for role, fq in zip(ROLES, aq.quantizers()):
                 def keep(x, n=n, role=role):
                     self.ranges[f"{n}:{role}"] = (x.min(), x.max())
                     self.attn_inputs.setdefault(n, {})[role] = images_of(x.detach()).clone()
+                    self.halves[f"{n}:attn"] = halves_of(x)
                 fq.observer = keep
         try:
             with torch.no_grad(), float_run(model):
@@ -122,19 +139,39 @@ class LayerCalibrator:
             lo, hi = torch.quantile(v, 1e-4), torch.quantile(v, 1 - 1e-4)
         fq.set_range(lo.reshape(1), hi.reshape(1))
 
-    def _search(self, fq: FakeQuant, key: str, out: Callable[[], torch.Tensor], ref: torch.Tensor) -> float:
-        """The clipping factor of the full range that minimises the MSE of `out()` against
-        `ref` on the kept sample (factor 1.0 is minmax)."""
+    @staticmethod
+    def _half_errors(e2: torch.Tensor, half: torch.Tensor, dims=None) -> torch.Tensor:
+        """Squared errors summed over each half of the sample: shape (2,) or (2, channels)."""
+        r = e2.reshape(e2.shape[0], -1).sum(1) if dims is None else e2.sum(dim=dims) if dims else e2
+        return torch.stack([r[half].sum(0), r[~half].sum(0)])
+
+    @staticmethod
+    def _consistent(cand: torch.Tensor, base: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+        """A candidate may replace the minmax setting only if it is better on both halves
+        (on the whole sample when there is only one half)."""
+        if half.all() or not half.any():
+            return cand.sum(0) < base.sum(0)
+        return (cand < base).all(0)
+
+    def _search(self, fq: FakeQuant, key: str, out: Callable[[], torch.Tensor], ref: torch.Tensor,
+                half: torch.Tensor, base: tuple[float, float] | None = None) -> float:
+        """The clipping factor of the observed range that minimises the squared error of
+        `out()` against `ref` on the kept sample, under the overfitting guard.  The baseline
+        is `base` when given (the softmax output's known range [0, 1]), else the observed
+        range itself (factor 1.0, minmax)."""
         lo, hi = self.ranges[key]
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        best = (float("inf"), 1.0)
-        for c in CLIPS:
-            fq.set_range((c * lo).reshape(1), (c * hi).reshape(1))
-            err = (out() - ref).pow(2).mean().item()
-            if err < best[0]:
-                best = (err, c)
-        fq.set_range((best[1] * lo).reshape(1), (best[1] * hi).reshape(1))
-        return best[0]
+        cands = [(c * lo, c * hi) for c in CLIPS]
+        cands.append(cands[-1] if base is None else (torch.tensor(base[0]), torch.tensor(base[1])))  # the baseline, last
+        errs = []
+        for a, b in cands:
+            fq.set_range(a.reshape(1), b.reshape(1))
+            errs.append(self._half_errors((out() - ref).pow(2), half))
+        best = min(range(len(cands)), key=lambda i: (errs[i].sum().item(), i))
+        if not self._consistent(errs[best], errs[-1], half):
+            best = len(cands) - 1
+        fq.set_range(cands[best][0].reshape(1), cands[best][1].reshape(1))
+        return errs[best].sum().item() / ref.numel()
 
     @torch.no_grad()
     def calibrate(self, name: str) -> float:
@@ -150,44 +187,54 @@ class LayerCalibrator:
             self._fixed_range(m.input_quant, name, x)
             return 0.0
         ref = self._out(m, x, m.weight, quant_input=False)
-        self._search_weight(m, x, ref)
+        halves = self.halves[name]
+        self._search_weight(m, x, ref, halves)
         wq = m.weight_quant(m.weight)  # fixed during the input search
         q = m.input_quant
         if not _is_post_gelu(self.model, name):
-            return self._search(q, name, lambda: self._out(m, x, wq, True), ref)
-        half = 2 ** (q.bits - 1) - 1  # OPT-m: twin range, m and Δ+ from a grid
-        hi = self.ranges[name][1].clamp(min=0)
-        best = (float("inf"), None)
+            return self._search(q, name, lambda: self._out(m, x, wq, True), ref, halves)
+        # OPT-m: twin range, m and Δ+ from a grid; the baseline is the plain minmax range
+        lo, hi = self.ranges[name]
+        q.set_range(lo.reshape(1), hi.reshape(1))
+        base = self._half_errors((self._out(m, x, wq, True) - ref).pow(2), halves)
+        qmax = 2 ** (q.bits - 1) - 1
+        hi = hi.clamp(min=0)
+        best = (base.sum().item(), None, base)
         for c in CLIPS:
             for mm in M_GRID:
-                q.set_twin(float(c * hi / half), mm)
-                err = (self._out(m, x, wq, True) - ref).pow(2).mean().item()
-                if err < best[0]:
-                    best = (err, (float(c * hi / half), mm))
-        q.set_twin(*best[1])
-        return best[0]
+                q.set_twin(float(c * hi / qmax), mm)
+                e = self._half_errors((self._out(m, x, wq, True) - ref).pow(2), halves)
+                if e.sum().item() < best[0]:
+                    best = (e.sum().item(), (float(c * hi / qmax), mm), e)
+        if best[1] is not None and self._consistent(best[2], base, halves):
+            q.set_twin(*best[1])
+            return best[0] / ref.numel()
+        q.set_range(lo.reshape(1), self.ranges[name][1].reshape(1))
+        return base.sum().item() / ref.numel()
 
-    def _search_weight(self, m: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> None:
+    def _search_weight(self, m: nn.Module, x: torch.Tensor, ref: torch.Tensor, halves: torch.Tensor) -> None:
         """Per output channel, the clipping factor of the largest magnitude that minimises
         that channel's output error (channels are independent, so one pass per factor
-        searches them all)."""
+        searches them all), under the overfitting guard."""
         wq_ = m.weight_quant
         amax = m.weight.detach().flatten(1).abs().amax(dim=1).clamp_min(1e-12)
-        reduce = (0, 2, 3) if isinstance(m, QuantConv2d) else 0
-        best_err = torch.full_like(amax, float("inf"))
+        dims = (2, 3) if isinstance(m, QuantConv2d) else ()
+        best_err = torch.full((2, amax.numel()), float("inf"))
         best_scale = amax / wq_.qmax
-        for c in WCLIPS:
+        for c in WCLIPS:  # ascending: c = 1.0 (minmax) is the last
             wq_.scale.copy_(c * amax / wq_.qmax)
-            err = (self._out(m, x, wq_(m.weight), quant_input=False) - ref).pow(2).mean(dim=reduce)
-            err = err.reshape(-1)
-            better = err < best_err
+            err = self._half_errors((self._out(m, x, wq_(m.weight), quant_input=False) - ref).pow(2), halves, dims)
+            better = err.sum(0) < best_err.sum(0)
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, wq_.scale, best_scale)
-        wq_.scale.copy_(best_scale)
+        keep = self._consistent(best_err, err, halves)  # err: minmax's
+        wq_.scale.copy_(torch.where(keep, best_scale, amax / wq_.qmax))
 
     def _calibrate_attn(self, name: str) -> None:
-        """Operands of S = q kᵀ, then of A·V, each range chosen by the error of its own
-        product (the other operand float first, then quantized), as for the layers."""
+        """Operands of S = q kᵀ, then of A·V, each range chosen by the error of the
+        attention output A·V (the other operand float first, then quantized).  For q and
+        k the scores' error is carried through the softmax (most score errors barely move
+        the probabilities; those near a row's maximum do)."""
         aq, t = self.attn[name], self.attn_inputs[name]
         q, k, p, v = (t[r] for r in ROLES)
         key = {r: f"{name}:{r}" for r in ROLES}
@@ -195,15 +242,25 @@ class LayerCalibrator:
             for role, fq in zip(ROLES, aq.quantizers()):
                 self._fixed_range(fq, key[role], t[role])
             return
+        half = self.halves[f"{name}:attn"]
         kt = k.transpose(-2, -1)
-        ref = q @ kt
-        self._search(aq.q, key["q"], lambda: aq.q(q) @ kt, ref)
-        qq = aq.q(q)
-        self._search(aq.k, key["k"], lambda: qq @ aq.k(k).transpose(-2, -1), ref)
+        s = q @ kt  # the observed q already carries the softmax scale
         ref = p @ v
-        self._search(aq.probs, key["probs"], lambda: aq.probs(p) @ v, ref)
+
+        def through_softmax(s_q: torch.Tensor) -> torch.Tensor:
+            # softmax(x + Δ) = P·exp(Δ) / Σ P·exp(Δ): the attention output when only the
+            # scores move by Δ = S_q - S; P (observed) already holds the bias, masks and
+            # carried scores, which the quantizers do not touch.
+            d = s_q - s
+            w = p * (d - d.amax(dim=-1, keepdim=True)).exp()
+            return (w / w.sum(dim=-1, keepdim=True).clamp_min(1e-30)) @ v
+
+        self._search(aq.q, key["q"], lambda: through_softmax(aq.q(q) @ kt), ref, half)
+        qq = aq.q(q)
+        self._search(aq.k, key["k"], lambda: through_softmax(qq @ aq.k(k).transpose(-2, -1)), ref, half)
+        self._search(aq.probs, key["probs"], lambda: aq.probs(p) @ v, ref, half, base=(0.0, 1.0))
         pq = aq.probs(p)
-        self._search(aq.v, key["v"], lambda: pq @ aq.v(v), ref)
+        self._search(aq.v, key["v"], lambda: pq @ aq.v(v), ref, half)
 
     def calibrate_all(self, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
         errs = {}
