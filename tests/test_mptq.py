@@ -134,3 +134,30 @@ def test_digits_calibration_images_match_the_model_input(setup, tmp_path):
                         str(tmp_path / "w.safetensors"), "--calib", "digits:8", "--bits", "w8a8",
                         "--method", "minmax", "-o", str(tmp_path / "q")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def _guarded_search(x: torch.Tensor, half: torch.Tensor) -> float:
+    """Run mptq's range search for a lone 4-bit quantizer whose output is its input
+    (ref = x); returns the clipping factor chosen (the range found / the full range)."""
+    from vitdsl.quant.mptq import LayerCalibrator
+
+    cal = object.__new__(LayerCalibrator)  # only the search: no model needed
+    cal.ranges = {"x": (x.min(), x.max())}
+    fq = FakeQuant(4, signed=True)
+    cal._search(fq, "x", lambda: fq(x), x, half)
+    return float(fq.scale * fq.qmax / x.abs().max())
+
+
+def test_the_overfitting_guard_keeps_minmax_unless_both_halves_gain():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1000, 1, generator=g) * 2 - 1  # half A: values in [-1, 1]
+    b = torch.cat([torch.rand(1000, 1, generator=g) * 2 - 1, torch.full((24, 1), 10.0)])  # half B: 24 outliers at 10
+    x = torch.cat([a, b])
+    half = torch.arange(len(x)) < len(a)
+    # Half A gains far more from clipping the outliers' range than half B loses, so the
+    # summed error alone picks a clip; B alone is worse off, so the guard keeps minmax.
+    assert _guarded_search(x, torch.ones(len(x), dtype=torch.bool)) < 0.9  # one half: the plain search
+    assert _guarded_search(x, half) == pytest.approx(1.0)
+    # When both halves gain, the guard lets the clip through.
+    both = torch.cat([a, torch.rand(1000, 1, generator=g) * 2 - 1, torch.full((1, 1), 10.0)])
+    assert _guarded_search(both, torch.arange(len(both)) < 1000) < 0.9
