@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from vitdsl.graph import Graph
 from vitdsl.ops.base import REGISTRY
-from vitdsl.ops.inplace import donor, held_only_by_caller, inference_reuse_allowed
+from vitdsl.ops.inplace import donor, held_only_by_caller, inference_reuse_allowed, unhooked
 
 
 class VitModel(nn.Module):
@@ -67,7 +67,7 @@ class VitModel(nn.Module):
                 values.append(module(x))
             else:
                 args = [values[i] if p < 0 else values[i][p] for i, p in refs]
-                if donating and donate is not None and _sole_owner(args, values, donate):
+                if donating and donate is not None and unhooked(module) and _sole_owner(args, values, donate):
                     values.append(module(*args, into=donate[0]))
                 else:
                     values.append(module(*args))

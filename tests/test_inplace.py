@@ -102,6 +102,23 @@ def test_views_kept_by_hooks_are_never_overwritten():
     assert torch.equal(kept["v"], snap["v"]) and torch.equal(kept["f"], snap["f"])
 
 
+def test_a_hooked_add_sees_its_inputs_unchanged():
+    _, m, x = model_and_input("vit_tiny_patch16_224")
+    seen = {}
+
+    def hook(mod, args, out):
+        seen["inputs"] = [a.clone() for a in args]
+        seen["out"] = out
+        seen["aliased"] = any(a is out for a in args)
+
+    h = m.get_submodule("blocks.1.res1").register_forward_hook(hook)
+    with torch.inference_mode():
+        m(x)
+    h.remove()
+    assert not seen["aliased"]
+    assert torch.equal(seen["inputs"][0] + seen["inputs"][1], seen["out"])
+
+
 def test_reuse_is_off_under_export_and_compile_tracing():
     _, m, x = model_and_input("vit_tiny_patch16_224", batch=1)
     with torch.no_grad():
