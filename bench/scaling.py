@@ -611,8 +611,16 @@ def render(args, pred, mem, lat) -> tuple[str, list[str]]:
                                     f"the linear terms still count at small N).")
                 if w_k is not None:
                     ks = {b: k for ee, vv, kk in series if (ee, vv) == (e, "window") for b, k in zip(sizes[1:], kk)}
-                    lin = all(k < 1.5 for k in ks.values())
                     pads = [s for s in sizes if pred[(s, "window")]["attended"] != tok[s] and ks.get(s, 1.0) > 1.05]
+
+                    def k_attended(s):  # the exponent against the tokens attention really sees (padded grid)
+                        p_ = sizes[sizes.index(s) - 1]
+                        m0, m1 = mem[(p_, "window", e)]["alloc_peak"], mem[(s, "window", e)]["alloc_peak"]
+                        a0, a1 = pred[(p_, "window")]["attended"], pred[(s, "window")]["attended"]
+                        return math.log(m1 / m0) / math.log(a1 / a0)
+
+                    # linear in the tokens attended: a padded grid is judged by its padded size
+                    lin = all((k_attended(s) if s in pads else k) < 1.5 for s, k in ks.items())
                     verdicts.append(f"- Windowed attention ({e} executor): exponents {w_k}: "
                                     f"**{'linear' if lin else 'not linear'}** (scores are h x 49 per token)" + (
                                         "; " + ", ".join(f"at {s} the grid pads to {pred[(s, 'window')]['attended']} "
@@ -620,7 +628,8 @@ def render(args, pred, mem, lat) -> tuple[str, list[str]]:
                                                          f"the attention op's buffers grow with them and become the peak "
                                                          f"(M/N {mem[(s, 'window', e)]['alloc_peak'] / tok[s] / 1024:.1f} KiB "
                                                          f"after {mem[(sizes[sizes.index(s) - 1], 'window', e)]['alloc_peak'] / tok[sizes[sizes.index(s) - 1]] / 1024:.1f}), "
-                                                         f"hence k = {ks[s]:.2f} into that size"
+                                                         f"hence k = {ks[s]:.2f} into that size "
+                                                         f"(k = {k_attended(s):.2f} against the padded token count)"
                                                          for s in pads) if pads else "") + ".")
     out += ["", "### Method", "", METHOD]
     return "\n".join(out), verdicts
