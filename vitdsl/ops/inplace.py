@@ -9,8 +9,12 @@ one pass over fresh memory fewer.  This is only done when nobody can observe it:
   torch.compile / torch.export / the ONNX tracer capture the graph (they plan memory
   themselves and must see a functional graph);
 - only when the caller's own reference is the only one to the tensor and to its
-  storage: a forward hook that kept the tensor, a view of it, or the caller's input
-  tensor all make it ineligible.
+  storage: a forward hook that kept the tensor, a view of it, the tensor it is a view
+  of, or the caller's input tensor all make it ineligible.  Outside inference_mode a
+  linear layer's 3-d output is a view that keeps its 2-d base alive, so in practice the
+  reuse happens under torch.inference_mode() (what `vitdsl bench` and the benchmarks use);
+- only on the CPython versions whose reference counting this check was verified on
+  (3.10 to 3.13: 3.14 borrows references on local loads, which changes the counts).
 """
 from __future__ import annotations
 
@@ -34,20 +38,35 @@ def donor(eligible: list[bool]) -> int | None:
     return None
 
 
+_REFCOUNTS_CHECKED = sys.implementation.name == "cpython" and (3, 10) <= sys.version_info[:2] < (3, 14)
+
+
 def inference_reuse_allowed() -> bool:
-    """True outside autograd recording and graph capture."""
-    return not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                or torch.jit.is_tracing())
+    """True outside autograd recording and graph capture, on a checked CPython."""
+    return _REFCOUNTS_CHECKED and not (torch.is_grad_enabled() or torch.compiler.is_compiling()
+                                       or torch.compiler.is_exporting() or torch.jit.is_tracing())
 
 
 def held_only_by_caller(t: object) -> bool:
     """True when the caller's single reference is the only one to tensor `t` and to its
-    memory.  Storage holders counted: t itself, the temporary storage handle, and t's
-    base when t is a view (outside inference_mode a linear layer's 3-d output is a view
-    of its 2-d result, which nothing else holds)."""
+    memory: the storage's holders are t itself and the temporary handle, nothing else
+    (no view of t, no tensor t is a view of).  Tensors without a storage of their own
+    (torch.func's batched tensors, for instance) are never reused."""
     # getrefcount sees: the caller's reference, this function's argument, its own argument
-    return (isinstance(t, torch.Tensor) and sys.getrefcount(t) == 3
-            and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2 + (t._base is not None))
+    if not isinstance(t, torch.Tensor) or sys.getrefcount(t) != 3:
+        return False
+    try:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2
+    except (NotImplementedError, RuntimeError):
+        return False
+
+
+def same_layout(xs) -> bool:
+    """Every tensor has the first one's shape, strides, dtype and device: then writing the
+    result into one of them visits the elements in the order a new tensor would."""
+    t = xs[0]
+    return all(x.shape == t.shape and x.stride() == t.stride() and x.dtype == t.dtype and x.device == t.device
+               for x in xs)
 
 
 def unhooked(m: nn.Module) -> bool:

@@ -7,6 +7,7 @@ import torch.nn as nn
 from ..errors import SpecError
 from ..types import Cost, TensorType
 from .base import Attrs, OpDef, register_op
+from .inplace import same_layout
 
 
 class Add(nn.Module):
@@ -28,9 +29,7 @@ class Add(nn.Module):
 
 
 def _can_write_into(xs: tuple, k: int) -> bool:
-    t = xs[k]
-    return (k == 0 or len(xs) == 2) and all(x.shape == t.shape and x.dtype == t.dtype and x.device == t.device
-                                            for x in xs)
+    return (k == 0 or len(xs) == 2) and same_layout(xs)
 
 
 @register_op

@@ -21,6 +21,9 @@ The model, node by node along ``graph.order``:
 * an op that reuses a dead input (``OpDef.reuses_dead_input``: the residual add) writes
   its output into that input when it dies at this step (vitdsl.ops.inplace.donor, the
   executor's own rule): no new allocation, and the input's bytes pass to the output.
+  This is the executor under ``torch.inference_mode()``; it also declines, at run time,
+  an input that shares memory with a live value (a view of one), which the model does
+  not see (it then predicts too little by one output).
 
 What the executor keeps alive is an assumption, and it is a parameter:
 

@@ -219,7 +219,7 @@ class LayerCalibrator:
         wq_ = m.weight_quant
         amax = m.weight.detach().flatten(1).abs().amax(dim=1).clamp_min(1e-12)
         dims = (2, 3) if isinstance(m, QuantConv2d) else ()
-        best_err = torch.full((2, amax.numel()), float("inf"))
+        best_err = torch.full((2, amax.numel()), float("inf"), device=amax.device)
         best_scale = amax / wq_.qmax
         for c in WCLIPS:  # ascending: c = 1.0 (minmax) is the last
             wq_.scale.copy_(c * amax / wq_.qmax)
@@ -250,7 +250,9 @@ class LayerCalibrator:
         def through_softmax(s_q: torch.Tensor) -> torch.Tensor:
             # softmax(x + Δ) = P·exp(Δ) / Σ P·exp(Δ): the attention output when only the
             # scores move by Δ = S_q - S; P (observed) already holds the bias, masks and
-            # carried scores, which the quantizers do not touch.
+            # carried scores, which the quantizers do not touch.  With ReViT's residual
+            # attention the softmax sees α·Δ (Eq. 5): taking Δ overstates the error by 1/α,
+            # alike for every candidate, so only the trade-off against clipping shifts.
             d = s_q - s
             w = p * (d - d.amax(dim=-1, keepdim=True)).exp()
             return (w / w.sum(dim=-1, keepdim=True).clamp_min(1e-30)) @ v
