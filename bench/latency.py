@@ -11,7 +11,9 @@ Per (model, batch, threads): --warmup untimed forwards of each, then --runs time
 pairs; each pair runs both models back to back, alternating which goes first, so slow
 phases of a shared machine hit both alike.  Reported: median ms of each, the ratio of
 the medians vitdsl/timm with a bootstrap 95% interval, and the median of the per-pair
-ratios.  Target: vitdsl/timm <= 1.00.
+ratios.  Target: vitdsl/timm <= 1.00.  Also, under torch.profiler, the self CPU time
+of all aten ops per forward (batch 1) of each model: the kernel work without the Python
+between kernels.
 
 torch's intra-op thread count is set explicitly (--threads, default: the cores this
 process may use, then 1) and reported; inter-op threads are set to 1.  On a busy
@@ -76,18 +78,28 @@ def measure(ours, theirs, batch: int, warmup: int, runs: int) -> dict:
     return {"vitdsl": t_ours, "timm": t_theirs, "vitdsl_cpu": c_ours, "timm_cpu": c_theirs}
 
 
-def op_counts(model, batch: int = 1) -> dict[str, int]:
-    """aten op name -> calls in one forward (torch.profiler), to check that both
-    implementations run the same kernels."""
+def op_profile(ours, theirs, batch: int = 1, runs: int = 10) -> tuple[dict, dict, float, float]:
+    """Under torch.profiler, `runs` forwards of each model, interleaved: (aten op ->
+    calls per forward) of each, to check that both run the same kernels, and the mean
+    self CPU time of all aten ops per forward (ms) of each: the time spent in kernels,
+    without the Python around them and less exposed to other processes than wall time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     x = torch.randn(batch, 3, 224, 224)
+    counts: list[dict] = [{}, {}]
+    self_ms = [0.0, 0.0]
     with torch.inference_mode():
-        model(x)
-        with profile(activities=[ProfilerActivity.CPU]) as p:
-            model(x)
-    return {e.key: e.count for e in p.key_averages() if e.key.startswith("aten::")}
+        ours(x)
+        theirs(x)
+        for i in range(runs):
+            for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+                with profile(activities=[ProfilerActivity.CPU]) as p:
+                    (ours, theirs)[k](x)
+                ev = [e for e in p.key_averages() if e.key.startswith("aten::")]
+                counts[k] = {e.key: e.count for e in ev}
+                self_ms[k] += sum(e.self_cpu_time_total for e in ev) / 1000 / runs
+    return counts[0], counts[1], self_ms[0], self_ms[1]
 
 
 def main(argv=None) -> int:
@@ -117,12 +129,14 @@ def main(argv=None) -> int:
     verdicts = []
     diffs = {}
     opcheck: dict[str, str] = {}
+    optime: dict[str, tuple[float, float]] = {}
     for name in args.models:
         ours, theirs, diff = build_pair(name)
         diffs[name] = diff
         if not args.no_op_check:
             torch.set_num_threads(args.threads[0])
-            a, b = op_counts(ours), op_counts(theirs)
+            a, b, ms_a, ms_b = op_profile(ours, theirs)
+            optime[name] = (ms_a, ms_b)
             same = a == b
             opcheck[name] = (f"identical ({sum(a.values())} aten calls per forward)" if same else
                              f"{sum(a.values())} vs {sum(b.values())} aten calls; differences: " + ", ".join(
@@ -158,6 +172,14 @@ def main(argv=None) -> int:
     out.append("")
     out.append("Max |vitdsl - timm| on the logits (batch 2, same weights): "
                + ", ".join(f"{n}: {d:.2e}" for n, d in diffs.items()) + ".")
+    if optime:
+        out.append("")
+        out.append(f"Kernel time (torch.profiler, batch 1, {args.threads[0]} thread(s), 10 forwards of each, interleaved): "
+                   "mean self CPU time of all aten ops per forward, vitdsl vs timm: "
+                   + "; ".join(f"{n}: {a:.1f} ms vs {b:.1f} ms ({a / b:.3f})" for n, (a, b) in optime.items())
+                   + ". The kernels are the same but for the in-place sum and GELU (below); this figure excludes the "
+                     "Python between kernels but is itself noisy (with several threads, time spent waiting on each other "
+                     "counts).")
     if opcheck:
         out.append("")
         out.append("aten ops per forward (torch.profiler, batch 1), vitdsl vs timm; any op not listed is called "
