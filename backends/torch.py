@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from vitdsl.graph import Graph
 from vitdsl.ops.base import REGISTRY
-from vitdsl.ops.inplace import donor, held_only_by_caller, inference_reuse_allowed, unhooked
+from vitdsl.ops.inplace import donated_input, held_only_by_caller, inference_reuse_allowed, unhooked
+from vitdsl.passes.memory import last_uses
 
 
 class VitModel(nn.Module):
@@ -44,18 +45,20 @@ class VitModel(nn.Module):
                 refs.append((slot[name], (1 if port == "scores" else 0) if name in multi else -1))
             plan.append((n.name, n.op == "input", tuple(refs)))
         # After each step, drop the values no later step reads (inference memory then
-        # follows the live set, not the sum of all activations).
-        last_use = {}
-        for step, (_, _, refs) in enumerate(plan):
-            for i, _ in refs:
-                last_use[i] = step
+        # follows the live set, not the sum of all activations); the same liveness as the
+        # memory model's.  In inference an add may also write into an input that dies at
+        # its step (vitdsl.ops.inplace.donated_input): (input position, its slot).
+        last = last_uses(graph)
         release = [[] for _ in plan]
-        for i, step in last_use.items():
-            if i != len(plan) - 1:
-                release[step].append(i)
+        for name, step in last.items():
+            if step < len(plan):
+                release[step].append(slot[name])
+        donate = []
+        for k, n in enumerate(graph.nodes()):
+            pos = donated_input(graph, n, k, last)
+            donate.append(None if pos is None else (pos, plan[k][2][pos][0]))
         # Plain attributes (not registered twice): the modules in execution order.
-        self._steps = [(self.get_submodule(name), is_input, refs, tuple(release[k]),
-                        _donation(REGISTRY[graph.node(name).op], refs, release[k]))
+        self._steps = [(self.get_submodule(name), is_input, refs, tuple(release[k]), donate[k])
                        for k, (name, is_input, refs) in enumerate(plan)]
         self.__dict__["graph"] = graph
 
@@ -78,16 +81,6 @@ class VitModel(nn.Module):
 
 
 # ------------------------------------------------------------ buffer donation
-def _donation(opdef, refs: tuple, released: list[int]) -> tuple[int, int] | None:
-    """(input position, value slot) that the node may write its result into (see
-    vitdsl.ops.inplace.donor), or None."""
-    if not opdef.reuses_dead_input:
-        return None
-    slots = [i for i, _ in refs]
-    k = donor([p < 0 and i in released and slots.count(i) == 1 for i, p in refs])
-    return None if k is None else (k, refs[k][0])
-
-
 def _sole_owner(args: list, values: list, donate: tuple[int, int]) -> bool:
     """Drop the executor's other references to the donated input (it is released after
     this step anyway), then ask whether anything else holds it."""

@@ -25,15 +25,25 @@ import torch.nn as nn
 from torch.nn.modules import module as _module
 
 
-def donor(eligible: list[bool]) -> int | None:
-    """Which input an op that reuses a dead input (OpDef.reuses_dead_input) writes into:
-    the second of two (a residual sum's branch), else the first; None when that input is
-    not eligible (it must die at this step, appear once, and be a single-output value).
-    The executor (backends/torch.py) and the memory model (vitdsl.passes.memory) both
-    ask this."""
-    n = len(eligible)
+def donated_input(graph, node, step: int, last: dict[str, int]) -> int | None:
+    """Which input `node` (at `step` in graph.order) writes its result into, or None: only
+    for an op that reuses a dead input (OpDef.reuses_dead_input), the second of two (a
+    residual sum's branch), else the first, and only if that input dies at this step
+    (`last`: vitdsl.passes.memory.last_uses), appears once, is a single-output value and
+    is not the caller's image.  The executor (backends/torch.py) and the memory model
+    (vitdsl.passes.memory) both ask this."""
+    from .base import REGISTRY
+
+    if not REGISTRY[node.op].reuses_dead_input:
+        return None
+    refs = [r.partition("#") for r in node.inputs]
+    names = [name for name, _, _ in refs]
+    n = len(refs)
     for k in (n - 1, 0):
-        if (k == 0 or n == 2) and eligible[k]:
+        name, _, port = refs[k]
+        src = graph.node(name)
+        if ((k == 0 or n == 2) and not port and last[name] == step and names.count(name) == 1
+                and src.scores is None and src.op != "input"):
             return k
     return None
 

@@ -19,7 +19,7 @@ The model, node by node along ``graph.order``:
   materialised, window-partition copies, the MLP's hidden activation, ...);
 * then the outputs whose last consumer was ``n`` are released;
 * an op that reuses a dead input (``OpDef.reuses_dead_input``: the residual add) writes
-  its output into that input when it dies at this step (vitdsl.ops.inplace.donor, the
+  its output into that input when it dies at this step (vitdsl.ops.inplace.donated_input, the
   executor's own rule): no new allocation, and the input's bytes pass to the output.
   This is the executor under ``torch.inference_mode()``; it also declines, at run time,
   an input that shares memory with a live value (a view of one), which the model does
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 from ..graph import Graph
 from ..ops.base import REGISTRY
-from ..ops.inplace import donor
+from ..ops.inplace import donated_input
 
 
 @dataclass(frozen=True)
@@ -105,14 +105,11 @@ def memory_profile(graph: Graph, batch: int = 1, free_after_last_use: bool = Tru
         out *= batch
         ws = workspace_bytes(graph, n.name) * batch
         size[n.name] = out
-        if free_after_last_use and REGISTRY[n.op].reuses_dead_input:
-            names = [r.partition("#") for r in n.inputs]
-            k = donor([not port and last[name] == i and sum(m == name for m, _, _ in names) == 1
-                       and graph.node(name).scores is None and graph.node(name).op != "input"
-                       for name, _, port in names])
-            if k is not None:  # the output takes over the dying input's memory
-                out = 0
-                size[n.name], size[names[k][0]] = size[names[k][0]], 0
+        k = donated_input(graph, n, i, last) if free_after_last_use else None
+        if k is not None:  # the output takes over the dying input's memory
+            src = n.inputs[k]
+            out = 0
+            size[n.name], size[src] = size[src], 0
         released = 0
         if free_after_last_use:
             released = sum(size[m] for m in expiring.get(i, ()))
