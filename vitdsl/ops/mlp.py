@@ -12,6 +12,7 @@ from .base import Attrs, OpDef, register_op
 from .inplace import held_only_by_caller, inference_reuse_allowed, unhooked
 from .init import trunc_normal
 
+
 class GELU(nn.GELU):
     """nn.GELU that can overwrite its input (`inplace=True`, used by Mlp in inference)."""
 

@@ -140,9 +140,13 @@ class LayerCalibrator:
         fq.set_range(lo.reshape(1), hi.reshape(1))
 
     @staticmethod
-    def _half_errors(e2: torch.Tensor, half: torch.Tensor, dims=None) -> torch.Tensor:
-        """Squared errors summed over each half of the sample: shape (2,) or (2, channels)."""
-        r = e2.reshape(e2.shape[0], -1).sum(1) if dims is None else e2.sum(dim=dims) if dims else e2
+    def _half_errors(e2: torch.Tensor, half: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+        """Squared errors (sample rows first) summed over each half of the sample: shape
+        (2,), or (2, channels) per output channel (dim 1; a conv's map summed)."""
+        if not per_channel:
+            r = e2.flatten(1).sum(1)
+        else:
+            r = e2.flatten(2).sum(2) if e2.dim() > 2 else e2
         return torch.stack([r[half].sum(0), r[~half].sum(0)])
 
     @staticmethod
@@ -161,8 +165,9 @@ class LayerCalibrator:
         range itself (factor 1.0, minmax)."""
         lo, hi = self.ranges[key]
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        cands = [(c * lo, c * hi) for c in CLIPS]
-        cands.append(cands[-1] if base is None else (torch.tensor(base[0]), torch.tensor(base[1])))  # the baseline, last
+        cands = [(c * lo, c * hi) for c in CLIPS]  # CLIPS ends with 1.0: minmax, the default baseline
+        if base is not None:
+            cands.append((torch.tensor(base[0]), torch.tensor(base[1])))  # the baseline is the last candidate
         errs = []
         for a, b in cands:
             fq.set_range(a.reshape(1), b.reshape(1))
@@ -198,18 +203,17 @@ class LayerCalibrator:
         q.set_range(lo.reshape(1), hi.reshape(1))
         base = self._half_errors((self._out(m, x, wq, True) - ref).pow(2), halves)
         qmax = 2 ** (q.bits - 1) - 1
-        hi = hi.clamp(min=0)
         best = (base.sum().item(), None, base)
         for c in CLIPS:
             for mm in M_GRID:
-                q.set_twin(float(c * hi / qmax), mm)
+                q.set_twin(float(c * hi.clamp(min=0) / qmax), mm)
                 e = self._half_errors((self._out(m, x, wq, True) - ref).pow(2), halves)
                 if e.sum().item() < best[0]:
-                    best = (e.sum().item(), (float(c * hi / qmax), mm), e)
+                    best = (e.sum().item(), (float(c * hi.clamp(min=0) / qmax), mm), e)
         if best[1] is not None and self._consistent(best[2], base, halves):
             q.set_twin(*best[1])
             return best[0] / ref.numel()
-        q.set_range(lo.reshape(1), self.ranges[name][1].reshape(1))
+        q.set_range(lo.reshape(1), hi.reshape(1))
         return base.sum().item() / ref.numel()
 
     def _search_weight(self, m: nn.Module, x: torch.Tensor, ref: torch.Tensor, halves: torch.Tensor) -> None:
@@ -218,12 +222,12 @@ class LayerCalibrator:
         searches them all), under the overfitting guard."""
         wq_ = m.weight_quant
         amax = m.weight.detach().flatten(1).abs().amax(dim=1).clamp_min(1e-12)
-        dims = (2, 3) if isinstance(m, QuantConv2d) else ()
         best_err = torch.full((2, amax.numel()), float("inf"), device=amax.device)
         best_scale = amax / wq_.qmax
         for c in WCLIPS:  # ascending: c = 1.0 (minmax) is the last
             wq_.scale.copy_(c * amax / wq_.qmax)
-            err = self._half_errors((self._out(m, x, wq_(m.weight), quant_input=False) - ref).pow(2), halves, dims)
+            err = self._half_errors((self._out(m, x, wq_(m.weight), quant_input=False) - ref).pow(2), halves,
+                                    per_channel=True)
             better = err.sum(0) < best_err.sum(0)
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, wq_.scale, best_scale)
