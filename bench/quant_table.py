@@ -52,8 +52,8 @@ CALIB_SEED = 0
 TRAIN_TARGET = 0.97
 # spec -> vitdsl.train.train keyword arguments (the others: `vitdsl train`'s defaults)
 MODELS: dict[str, dict[str, Any]] = {
-    "digits_vit": {"epochs": 30},
-    "digits_hybrid": {"epochs": 20},
+    "digits_vit": {"epochs": 30, "test_fraction": 0.2},
+    "digits_hybrid": {"epochs": 20, "test_fraction": 0.2},
 }
 # row label -> quantize() keyword arguments (None: the float model)
 ROWS: dict[str, dict[str, Any] | None] = {
@@ -154,7 +154,7 @@ def run_model(name: str, rows: list[str], n_calib: int, out_dir: str, retrain: b
     from vitdsl.train import load_digits
 
     g, state, m = trained(name, out_dir, retrain)
-    d = load_digits(tuple(g.input.out.shape))
+    d = load_digits(tuple(g.input.out.shape), m["test_fraction"])
     calibs = [calibration_set(d, n_calib, k) for k in range(draws)]
     x_test = d.batch(d.x_test, torch.arange(len(d.y_test)))
     n = len(d.y_test)

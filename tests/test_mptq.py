@@ -113,15 +113,18 @@ def test_cli_quantize_then_build_gives_the_same_model(setup, tmp_path):
 
 
 def test_digits_calibration_images_match_the_model_input(setup, tmp_path):
-    """`--calib digits:N`: the first N digits of the training split, upsampled to the
-    model's input and replicated over its channels; held-out images are never used."""
+    """`--calib digits:N`: N digits of the training split, upsampled to the model's input
+    and replicated over its channels; held-out images are never used."""
     from vitdsl.quant.quantize import load_images
     from vitdsl.train import load_digits
 
     x = load_images("digits:5", (3, 32, 32))
     assert x.shape == (5, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2])
     ref = load_digits((3, 32, 32))
-    torch.testing.assert_close(x[:, :1], ref.x_train[:5])
+    def rows_in(a, pool):  # which rows of a equal some row of pool
+        return [bool((pool.flatten(1) == r.flatten()).all(1).any()) for r in a]
+
+    assert all(rows_in(x[:, :1], ref.x_train)) and not any(rows_in(x[:, :1], ref.x_test))
     for bad in ("digits:abc", "digits:0", "digits:100000"):
         with pytest.raises(vitdsl.SpecError):
             load_images(bad, (3, 32, 32))
@@ -161,3 +164,36 @@ def test_the_overfitting_guard_keeps_minmax_unless_both_halves_gain():
     # When both halves gain, the guard lets the clip through.
     both = torch.cat([a, torch.rand(1000, 1, generator=g) * 2 - 1, torch.full((1, 1), 10.0)])
     assert _guarded_search(both, torch.arange(len(both)) < 1000) < 0.9
+
+
+RESIDUAL = """\
+model revit_tiny {
+  input image 3x32x32
+  embed patch size=8 dim=32
+  tokens cls=1 pos=learned
+  stage s1 depth=3 {
+    transformer heads=2 mlp=2.0 qkv_bias residual(alpha=0.3, MODE)
+  }
+  norm layernorm
+  head pool=cls classes=10
+}
+"""
+
+
+@pytest.mark.parametrize("mode", ["fixed", "learnable", "per_block"])
+def test_q_and_k_are_scored_with_the_alpha_the_softmax_sees(mode):
+    """ReViT Eq. 5: a block that mixes in earlier scores sees α·S_l, the first block all of
+    S_l; the calibrator reads α from the run (the fixed value, the shared learnable one,
+    or each block's own) for the q/k error it scores through the softmax."""
+    from vitdsl.quant.mptq import LayerCalibrator
+
+    text = RESIDUAL.replace(", MODE", "" if mode == "fixed" else f", {mode}")
+    qmodel = vitdsl.compile(vitdsl.loads(text.replace("  head pool", "  bits { default w8a8 }\n  head pool")), seed=0)
+    with torch.no_grad():  # trained values that differ from the spec's 0.3
+        for i, (k, p) in enumerate(sorted((k, p) for k, p in qmodel.named_parameters() if "alpha" in k)):
+            p.fill_(0.6 + 0.1 * i)
+    cal = LayerCalibrator(qmodel, torch.randn(2, 3, 32, 32))
+    got = [cal.score_weight[n] for n in sorted(cal.score_weight)]
+    assert len(got) == 3 and got[0] == 1.0  # the first block has no earlier scores
+    want = {"fixed": [0.3, 0.3], "learnable": [0.6, 0.6], "per_block": [0.7, 0.8]}[mode]
+    assert got[1:] == pytest.approx(want)

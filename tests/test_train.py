@@ -59,6 +59,56 @@ def test_digits_split_is_fixed_and_stratified():
     assert abs(float(a.x_train.mean())) < 1e-4 and abs(float(a.x_train.std()) - 1) < 1e-3
 
 
+def _image_keys(x):
+    """One hashable key per image (the split is checked by content, not by position)."""
+    return {bytes(v.numpy().tobytes()) for v in x.reshape(len(x), -1)}
+
+
+def test_larger_held_out_fractions_are_nested_and_calibration_never_sees_them():
+    from vitdsl.train import calibration_images
+
+    small, half = load_digits((1, 8, 8)), load_digits((1, 8, 8), 0.5)
+    assert len(half.y_test) == 898 and len(half.y_train) == 899
+    per_class = torch.bincount(small.y_train) + torch.bincount(small.y_test)
+    assert torch.equal(torch.bincount(half.y_test), torch.round(per_class / 2).long())  # still stratified
+    # Normalisation differs between the two (training split statistics); compare raw pixels.
+    def raw(d, x):
+        return x * torch.tensor(d.std).view(1, -1, 1, 1) + torch.tensor(d.mean).view(1, -1, 1, 1)
+
+    def keys(d, x):
+        return _image_keys(torch.round(raw(d, x) * 16))  # the digits' pixels are 0..16
+
+    test_small, test_half = keys(small, small.x_test), keys(half, half.x_test)
+    train_half = keys(half, half.x_train)
+    # digits has a few exact duplicate images; compare the sets as a whole, not by count
+    assert test_small <= test_half | train_half and len(test_small - test_half) <= 2
+    # the calibration images are training images at every allowed fraction, in both normalisations
+    for frac, d in ((0.2, small), (0.5, half)):
+        cal = calibration_images(64, (1, 8, 8), frac)
+        assert cal.shape == (64, 1, 8, 8)
+        cal_keys = _image_keys(torch.round(raw(d, cal) * 16))
+        assert not cal_keys & test_half, frac
+        assert cal_keys <= keys(d, d.x_train)
+    with pytest.raises(vitdsl.SpecError, match="usable for calibration"):
+        calibration_images(900, (1, 8, 8))
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 0.51, 1.0, "0.3", True])
+def test_a_held_out_fraction_outside_0_to_half_is_refused(small, bad):
+    with pytest.raises(vitdsl.SpecError, match="test_fraction must be a number in"):
+        train(small, epochs=1, max_steps=1, progress=False, test_fraction=bad)
+
+
+def test_the_trained_fraction_travels_with_the_weights(small, tmp_path):
+    out = tmp_path / "half.safetensors"
+    assert main([str(small), "--epochs", "1", "--max-steps", "2", "--test-fraction", "0.5", "-q", "-o", str(out)]) == 0
+    m = json.loads(out.with_suffix(".json").read_text())
+    assert m["test_fraction"] == 0.5 and m["test_size"] == 898 and m["data_info"]["split"].startswith("stratified 50%/50%")
+    from vitdsl.cli import _trained_fraction
+
+    assert _trained_fraction(str(out)) == 0.5
+
+
 def test_short_run_learns_and_weights_load_strictly(small, tmp_path):
     out = tmp_path / "w" / "small.safetensors"  # the directory is created on write
     m = train(small, epochs=1, batch_size=32, lr=3e-3, seed=0, out=str(out), progress=False)

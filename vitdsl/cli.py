@@ -199,6 +199,19 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _trained_fraction(weights: str) -> float | None:
+    """The held-out fraction `vitdsl train` recorded in the weights' metadata (None if absent):
+    digits calibration images are then normalised as that model's inputs were."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights, "pt") as f:
+            value = (f.metadata() or {}).get("test_fraction")
+        return float(value) if value is not None else None
+    except Exception:  # noqa: BLE001 - unreadable weights are reported when they are loaded
+        return None
+
+
 def cmd_quantize(args) -> int:
     """Calibrate a float model and write a quantized spec, weights and a report."""
     from safetensors.torch import load_file
@@ -211,7 +224,7 @@ def cmd_quantize(args) -> int:
         state = load_file(args.weights)
     except Exception as e:  # noqa: BLE001 - unreadable weights are a user error
         raise SpecError(f"cannot read weights: {e}", filename=args.weights) from None
-    images = load_images(args.calib, g.input.out.shape)
+    images = load_images(args.calib, g.input.out.shape, _trained_fraction(args.weights))
     show = not args.quiet and sys.stderr.isatty()
 
     def progress(msg: str) -> None:

@@ -11,10 +11,15 @@ Data
               gif, tif, webp, ppm/pgm).  With ``PATH/train/<class>/`` and
               ``PATH/test/<class>/`` (or ``val``) those are the two splits.  Images are
               resized (bilinear) to the spec's input size and held in memory.
-  Without given splits, a fixed stratified split holds out 20 % of every class; it
-  depends on SPLIT_SEED only, never on the training seed, so every run of every spec is
-  scored on the same images.  Inputs are normalised with the training split's
-  per-channel mean and standard deviation (recorded in the outputs).
+  Without given splits, a fixed stratified split holds out 20 % of every class
+  (``test_fraction``, at most 50 %); it depends on SPLIT_SEED only, never on the training
+  seed, so every run of every spec is scored on the same images.  The splits are nested:
+  every class's images are taken in one fixed order, the test split is its first
+  ``round(n_c * test_fraction)``, so a larger fraction only moves images from train to
+  test; the first half of every class's order is therefore training data at every
+  allowed fraction (what ``vitdsl quantize --calib digits:N`` draws from).  Inputs are
+  normalised with the training split's per-channel mean and standard deviation
+  (recorded in the outputs).
 
 Training
   AdamW, a linear warm-up then a cosine schedule (per step), optional label smoothing,
@@ -58,6 +63,9 @@ SPLIT_SEED = 0
 """Seed of the fixed train/test split (independent of the training seed)."""
 
 TEST_FRACTION = 0.2
+MAX_TEST_FRACTION = 0.5
+"""Largest held-out fraction; calibration images come from the training split at this fraction,
+which (the splits being nested) is training data at every allowed fraction."""
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 MAX_DATA_BYTES = 4 << 30  # this is for small data sets: everything is held in memory
 _NO_DECAY = {"pos_embed", "cls_token", "dist_token", "relative_position_bias_table"}
@@ -87,9 +95,13 @@ class Data:
 
 
 def _stratified_split(labels, test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED):
-    """Hold out round(n_c * test_fraction) images of every class c; a fixed permutation."""
+    """Hold out round(n_c * test_fraction) images of every class c; a fixed permutation.
+
+    The permutation of each class depends on `seed` only, so the test split of a larger
+    fraction contains that of a smaller one."""
     import numpy as np
 
+    _check_fraction(test_fraction)
     labels = np.asarray(labels)
     rng = np.random.RandomState(seed)
     train, test = [], []
@@ -102,6 +114,19 @@ def _stratified_split(labels, test_fraction: float = TEST_FRACTION, seed: int = 
     return sorted(train), sorted(test)
 
 
+def _check_fraction(test_fraction) -> float:
+    """The held-out share as a float, or a SpecError: above one half the training split
+    would no longer contain the calibration pool (see MAX_TEST_FRACTION)."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
+            or not 0.0 < test_fraction <= MAX_TEST_FRACTION:
+        raise SpecError(f"test_fraction must be a number in (0, {MAX_TEST_FRACTION}], got {test_fraction!r}")
+    return float(test_fraction)
+
+
+def _split_label(test_fraction: float) -> str:
+    return f"stratified {1 - test_fraction:.0%}/{test_fraction:.0%}, seed {SPLIT_SEED}"
+
+
 def _normalise(x_train, x_test):
     """Per-channel mean/std of the training split, applied to both splits."""
     mean = x_train.mean(dim=(0, 2, 3))
@@ -110,8 +135,9 @@ def _normalise(x_train, x_test):
     return (x_train - m) / s, (x_test - m) / s, mean.tolist(), std.tolist()
 
 
-def load_digits(shape: tuple[int, int, int]) -> Data:
-    """scikit-learn's digits, upsampled to HxW, split 80/20 (stratified, fixed)."""
+def load_digits(shape: tuple[int, int, int], test_fraction: float = TEST_FRACTION) -> Data:
+    """scikit-learn's digits, upsampled to HxW, split 80/20 (stratified, fixed; `test_fraction`
+    holds out more)."""
     import torch
     import torch.nn.functional as F
 
@@ -126,21 +152,31 @@ def load_digits(shape: tuple[int, int, int]) -> Data:
     if (h, w) != (8, 8):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
     y = torch.tensor(d.target, dtype=torch.int64)
-    train, test = _stratified_split(y.numpy())
+    train, test = _stratified_split(y.numpy(), test_fraction)
     xtr, xte, mean, std = _normalise(x[train], x[test])
     return Data("digits", [str(i) for i in range(10)], xtr, y[train], xte, y[test], mean, std, c,
-                info={"source": "sklearn.datasets.load_digits", "split": f"stratified {1 - TEST_FRACTION:.0%}/"
-                      f"{TEST_FRACTION:.0%}, seed {SPLIT_SEED}", "original_size": "1x8x8"})
+                info={"source": "sklearn.datasets.load_digits", "split": _split_label(test_fraction),
+                      "test_fraction": test_fraction, "original_size": "1x8x8"})
 
 
-def calibration_images(n: int, shape: tuple[int, int, int]):
-    """The first n images of the digits training split at the model's input shape,
-    normalised as for training: what `vitdsl quantize --calib digits:N` calibrates on.
-    The held-out split is never used, so it stays an honest test set."""
-    data = load_digits(tuple(shape))
-    if not 0 < n <= len(data.x_train):
-        raise SpecError(f"digits has {len(data.x_train)} training images; asked for {n}")
-    return data.batch(data.x_train, slice(0, n))
+def calibration_images(n: int, shape: tuple[int, int, int], test_fraction: float = TEST_FRACTION):
+    """The first n digits training images at the model's input shape, normalised as for a
+    model trained with `test_fraction`: what `vitdsl quantize --calib digits:N` calibrates on.
+
+    Only images that are training data at MAX_TEST_FRACTION qualify; the splits being
+    nested, they are training data at every fraction, so no held-out image of any model
+    is ever calibrated on."""
+    import numpy as np
+    from sklearn.datasets import load_digits as _sk_digits
+
+    data = load_digits(tuple(shape), test_fraction)
+    labels = np.asarray(_sk_digits().target)
+    train, _ = _stratified_split(labels, test_fraction)
+    pool = set(_stratified_split(labels, MAX_TEST_FRACTION)[0])
+    usable = [i for i, k in enumerate(train) if k in pool]
+    if not 0 < n <= len(usable):
+        raise SpecError(f"digits has {len(usable)} images usable for calibration; asked for {n}")
+    return data.batch(data.x_train, usable[:n])
 
 
 def _class_files(root: str) -> dict[str, list[str]]:
@@ -168,7 +204,8 @@ def _split_dirs(root: str) -> tuple[str, str] | None:
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
-def load_image_folder(root: str, shape: tuple[int, int, int], where: tuple | None = None) -> Data:
+def load_image_folder(root: str, shape: tuple[int, int, int], where: tuple | None = None,
+                      test_fraction: float = TEST_FRACTION) -> Data:
     """``root/<class>/*.png`` (or ``root/{train,test}/<class>/...``), resized to HxW."""
     import numpy as np
     import torch
@@ -247,8 +284,8 @@ def load_image_folder(root: str, shape: tuple[int, int, int], where: tuple | Non
         tr, te = list(range(len(train_list))), list(range(len(train_list), n))
         split = f"given: {os.path.basename(splits[0])}/ and {os.path.basename(splits[1])}/"
     else:
-        tr, te = _stratified_split(y.numpy())
-        split = f"stratified {1 - TEST_FRACTION:.0%}/{TEST_FRACTION:.0%}, seed {SPLIT_SEED}"
+        tr, te = _stratified_split(y.numpy(), test_fraction)
+        split = _split_label(test_fraction)
     if not te:
         raise SpecError(f"too few images ({n}) to hold out a test split: add images (or a test/ folder)", filename=root)
     if not tr:
@@ -258,8 +295,9 @@ def load_image_folder(root: str, shape: tuple[int, int, int], where: tuple | Non
                 info={"source": "image folder", "split": split, "mode": mode, "images": n})
 
 
-def load_data(data: str, graph) -> Data:
-    """'digits' or an image folder, shaped for `graph`'s input and checked against its head."""
+def load_data(data: str, graph, test_fraction: float = TEST_FRACTION) -> Data:
+    """'digits' or an image folder, shaped for `graph`'s input and checked against its head
+    (`test_fraction`: the held-out share where the data has no given test split)."""
     inp = graph.input
     shape = tuple(inp.out.shape)
     if inp.out.kind != "image" or len(shape) != 3:
@@ -269,9 +307,9 @@ def load_data(data: str, graph) -> Data:
         raise _at(graph, out, f"training needs a classifier: the output '{out.name}' is {out.out.kind} "
                               f"{'x'.join(map(str, out.out.shape))}, not a vector of class scores")
     if data == "digits":
-        d = load_digits(shape)
+        d = load_digits(shape, test_fraction)
     else:
-        d = load_image_folder(data, shape, where=(graph.filename, inp.span, graph.source))
+        d = load_image_folder(data, shape, where=(graph.filename, inp.span, graph.source), test_fraction=test_fraction)
     k = out.out.shape[0]
     if k != len(d.classes):
         raise _at(graph, out, f"'{out.name}' has {k} classes but the data set '{data}' has {len(d.classes)}; "
@@ -400,7 +438,8 @@ def _shift(x, shifts, fill: float):
 def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size: int = 32, lr: float = 1e-3,
           seed: int = 0, out: str | None = None, progress: bool | None = None, *, weight_decay: float = 0.05,
           label_smoothing: float = 0.1, warmup_epochs: float = 1.0, augment: int | None = None,
-          max_steps: int | None = None, checksum_dir: str | None = None, max_params: int | None = None) -> dict:
+          max_steps: int | None = None, checksum_dir: str | None = None, max_params: int | None = None,
+          test_fraction: float = TEST_FRACTION) -> dict:
     """Train a spec; returns the metrics (also written to OUT.json when `out` is given).
 
     spec_path_or_graph  a .vit path or a vitdsl.Graph
@@ -412,6 +451,7 @@ def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size
                         the image side; 0: off)
     max_steps           stop after this many optimizer steps (smoke tests)
     checksum_dir        every rank writes rank<R>.json with its parameters' sha256 there
+    test_fraction       held-out share of every class (fixed split, nested; at most 0.5)
     """
     import torch.distributed as dist
 
@@ -429,6 +469,7 @@ def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size
         raise SpecError(f"lr must be a positive number, got {lr!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise SpecError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    test_fraction = _check_fraction(test_fraction)
     if isinstance(spec_path_or_graph, Graph):
         graph = spec_path_or_graph
         spec_name = graph.filename
@@ -447,14 +488,15 @@ def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size
     rank = dist.get_rank() if distributed else 0
     try:
         return _train(graph, spec_name, data, epochs, batch_size, lr, seed, out, progress, weight_decay,
-                      label_smoothing, warmup_epochs, augment, max_steps, checksum_dir, distributed, world, rank)
+                      label_smoothing, warmup_epochs, augment, max_steps, checksum_dir, distributed, world, rank,
+                      test_fraction)
     finally:
         if own_group:
             dist.destroy_process_group()
 
 
 def _train(graph, spec_name, data, epochs, batch_size, lr, seed, out, progress, weight_decay, label_smoothing,
-           warmup_epochs, augment, max_steps, checksum_dir, distributed, world, rank):
+           warmup_epochs, augment, max_steps, checksum_dir, distributed, world, rank, test_fraction):
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -467,7 +509,7 @@ def _train(graph, spec_name, data, epochs, batch_size, lr, seed, out, progress, 
     if batch_size % world:
         raise SpecError(f"batch_size {batch_size} does not split evenly between {world} processes")
     per_rank = batch_size // world
-    d = load_data(data, graph)
+    d = load_data(data, graph, test_fraction)
     n_train = len(d.y_train)
     if n_train < batch_size:
         raise SpecError(f"the train split has {n_train} images, fewer than one batch of {batch_size}; "
@@ -581,7 +623,7 @@ def _train(graph, spec_name, data, epochs, batch_size, lr, seed, out, progress, 
         "epochs": epochs, "steps": step, "batch_size": batch_size, "batch_size_per_rank": per_rank,
         "lr": lr, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
         "warmup_steps": warmup, "schedule": "linear warm-up, cosine to 0 (per step)", "optimizer": "AdamW",
-        "augment_shift_px": augment, "seed": seed, "split_seed": SPLIT_SEED, "world_size": world,
+        "augment_shift_px": augment, "seed": seed, "split_seed": SPLIT_SEED, "test_fraction": test_fraction, "world_size": world,
         "replica_sha256": replicas, "replicas_identical": len(set(replicas)) == 1,
         "test_acc": final, "history": history, "seconds": round(elapsed, 3),
         "threads": torch.get_num_threads(),
@@ -593,6 +635,7 @@ def _train(graph, spec_name, data, epochs, batch_size, lr, seed, out, progress, 
             state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
             meta = {"spec_sha256": metrics["spec_sha256"], "model": graph.name, "data": d.name,
                     "test_acc": f"{final:.6f}", "epochs": str(epochs), "seed": str(seed),
+                    "test_fraction": str(test_fraction),
                     "normalise": json.dumps(metrics["normalise"]), "classes": json.dumps(d.classes)}
             _write_outputs(out, state, meta, metrics)
         if distributed:
@@ -631,6 +674,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the initialisation, the data order and the shifts (default: 0)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
                    help="weights to write; the metrics go to OUT.json beside them")
+    p.add_argument("--test-fraction", type=float, default=TEST_FRACTION, metavar="F",
+                   help="held-out share of every class when the data has no test/ folder: a fixed, nested "
+                        f"stratified split (default: %(default)s; at most {MAX_TEST_FRACTION})")
     p.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps (smoke tests)")
     p.add_argument("--replica-checksums", metavar="DIR",
                    help="every process writes DIR/rank<R>.json with the sha256 of its parameters "
@@ -660,7 +706,7 @@ def cmd_train(args) -> int:
               out=args.output, progress=False if args.quiet else (True if args.progress else None),
               weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, warmup_epochs=args.warmup,
               augment=args.augment, max_steps=args.max_steps, checksum_dir=args.replica_checksums,
-              max_params=args.max_params)
+              max_params=args.max_params, test_fraction=args.test_fraction)
     if m["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(f"{m['model']}: held-out accuracy {m['test_acc']:.2%} on {m['test_size']} images of {m['data']} "
               f"after {m['epochs']} epoch{'s' if m['epochs'] != 1 else ''} ({m['steps']} steps, {m['seconds']:.1f}s, {m['world_size']} process"

@@ -234,8 +234,7 @@ class Attention(nn.Module):
         if bias is not None:
             s = s + bias
         if prev is not None:  # ReViT Eq. 5: Ŝ_l = α S_l + (1 - α) Ŝ_{l-1}
-            a = alpha if alpha is not None else getattr(self, "alpha", None)
-            a = self.residual.alpha if a is None else a
+            a = self._alpha(alpha)
             s = a * s + (1 - a) * adapt_scores(prev, s.shape, batch)
         mixed = s  # handed on without the shift mask, as in the official ReSwin code
         if self.residual.mode == "fixed" and self.residual.alpha == 1.0:  # Ŝ_l = S_l: plain attention, exactly
@@ -253,13 +252,32 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=add)
         return self.matmul_quant(q, k, v, add, self.scale)
 
-    def forward(self, x, *extra):
+    def _alpha(self, alpha):
+        """α of Eq. 5: the shared learnable one passed in, this block's own, or the fixed value."""
+        a = alpha if alpha is not None else getattr(self, "alpha", None)
+        return self.residual.alpha if a is None else a
+
+    def _extra(self, extra: tuple) -> tuple:
+        """forward's optional inputs -> (alpha, prev_scores), each None when absent."""
         alpha = prev = None
         rest = list(extra)
         if self.residual is not None and self.residual.mode == "learnable":
             alpha = rest.pop(0)
         if self.has_prev:
             prev = rest.pop(0)
+        return alpha, prev
+
+    def score_weight(self, *extra) -> float:
+        """The weight of this block's own scores S_l in what its softmax sees, for forward's
+        optional inputs `extra`: α when earlier scores are mixed in (ReViT Eq. 5), else 1.
+        A change Δ of S_l (e.g. quantizing q or k) moves the softmax input by α·Δ."""
+        if self.residual is None:
+            return 1.0
+        alpha, prev = self._extra(extra)
+        return 1.0 if prev is None else float(self._alpha(alpha))
+
+    def forward(self, x, *extra):
+        alpha, prev = self._extra(extra)
         if self.window is None:
             y, scores = self._attend(x, alpha, prev, x.shape[0])
         else:

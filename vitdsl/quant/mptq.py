@@ -107,6 +107,16 @@ class LayerCalibrator:
                     self.inputs[n] = rows[idx].clone()
                     self.halves[n] = (idx // max(1, rows.shape[0] // nimg)) % 2 == 0
             hooks.append(m.register_forward_pre_hook(pre))
+        # How much of its own scores each attention's softmax sees (α with ReViT residual
+        # attention, Eq. 5; else 1), read from the attention module's inputs in this run.
+        self.score_weight: dict[str, float] = {}
+        for n in self.attn:
+            parent_name = n.rpartition(".")[0]
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if hasattr(parent, "score_weight"):
+                def weight(mod, args, n=n):
+                    self.score_weight[n] = mod.score_weight(*args[1:])
+                hooks.append(parent.register_forward_pre_hook(weight))
         for n, aq in self.attn.items():
             for role, fq in zip(ROLES, aq.quantizers()):
                 def keep(x, n=n, role=role):
@@ -251,13 +261,15 @@ class LayerCalibrator:
         s = q @ kt  # the observed q already carries the softmax scale
         ref = p @ v
 
+        alpha = self.score_weight.get(name, 1.0)
+
         def through_softmax(s_q: torch.Tensor) -> torch.Tensor:
             # softmax(x + Δ) = P·exp(Δ) / Σ P·exp(Δ): the attention output when only the
-            # scores move by Δ = S_q - S; P (observed) already holds the bias, masks and
-            # carried scores, which the quantizers do not touch.  With ReViT's residual
-            # attention the softmax sees α·Δ (Eq. 5): taking Δ overstates the error by 1/α,
-            # alike for every candidate, so only the trade-off against clipping shifts.
-            d = s_q - s
+            # scores move by Δ; P (observed) already holds the bias, masks and carried
+            # scores, which the quantizers do not touch.  With ReViT's residual attention
+            # the softmax input is α·S_l + (1 - α)·Ŝ_{l-1} (Eq. 5), so a change of S_l
+            # moves it by α·(S_q - S); elsewhere α = 1.
+            d = alpha * (s_q - s)
             w = p * (d - d.amax(dim=-1, keepdim=True)).exp()
             return (w / w.sum(dim=-1, keepdim=True).clamp_min(1e-30)) @ v
 

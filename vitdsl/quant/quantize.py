@@ -15,10 +15,11 @@ from ..graph import Graph, Stmt
 REPORT_FIELDS = ("layer", "bits", "output_mse")
 
 
-def load_images(path: str, shape: tuple[int, int, int] | None = None) -> torch.Tensor:
+def load_images(path: str, shape: tuple[int, int, int] | None = None, test_fraction: float | None = None) -> torch.Tensor:
     """Calibration images from a .safetensors (first tensor, or 'images') or .pt tensor file
-    (N, C, H, W); `digits` or `digits:N` uses scikit-learn's digits (training split,
-    upsampled to `shape`, the model's input) via vitdsl.train."""
+    (N, C, H, W); `digits` or `digits:N` uses scikit-learn's digits (training images only,
+    upsampled to `shape`, the model's input, normalised as for a model trained with
+    `test_fraction`, default vitdsl.train's) via vitdsl.train."""
     if path == "digits" or path.startswith("digits:"):
         from ..train import calibration_images
 
@@ -27,7 +28,7 @@ def load_images(path: str, shape: tuple[int, int, int] | None = None) -> torch.T
             raise SpecError(f"expected digits or digits:N with N a number of images, got '{path}'")
         if shape is None:
             raise SpecError("digits calibration needs the model's input shape")
-        return calibration_images(int(count), shape)
+        return calibration_images(int(count), shape, *([test_fraction] if test_fraction is not None else []))
     if not os.path.exists(path):
         raise SpecError("calibration data not found", filename=path)
     try:
