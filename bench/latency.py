@@ -12,8 +12,10 @@ pairs; each pair runs both models back to back, alternating which goes first, so
 phases of a shared machine hit both alike.  Reported: median ms of each, the ratio of
 the medians vitdsl/timm with a bootstrap 95% interval, and the median of the per-pair
 ratios.  Target: vitdsl/timm <= 1.00.  Also, under torch.profiler, the self CPU time
-of all aten ops per forward (batch 1) of each model: the kernel work without the Python
-between kernels.
+of all aten and mkldnn ops per forward (batch 1) of each model: the kernel work without
+the Python between kernels, and which ops each runs.  vitdsl's linear layers run
+oneDNN's linear on a weight packed once (vitdsl.ops.linear) where timm calls
+aten::addmm, so the logits agree to rounding (about 1e-6), not bit for bit.
 
 torch's intra-op thread count is set explicitly (--threads, default: the cores this
 process may use, then 1) and reported; inter-op threads are set to 1.  On a busy
@@ -96,7 +98,7 @@ def op_profile(ours, theirs, batch: int = 1, runs: int = 10) -> tuple[dict, dict
             for k in ((0, 1) if i % 2 == 0 else (1, 0)):
                 with profile(activities=[ProfilerActivity.CPU]) as p:
                     (ours, theirs)[k](x)
-                ev = [e for e in p.key_averages() if e.key.startswith("aten::")]
+                ev = [e for e in p.key_averages() if e.key.startswith(("aten::", "mkldnn::"))]
                 counts[k] = {e.key: e.count for e in ev}
                 self_ms[k] += sum(e.self_cpu_time_total for e in ev) / 1000 / runs
     return counts[0], counts[1], self_ms[0], self_ms[1]
@@ -138,8 +140,8 @@ def main(argv=None) -> int:
             a, b, ms_a, ms_b = op_profile(ours, theirs)
             optime[name] = (ms_a, ms_b)
             same = a == b
-            opcheck[name] = (f"identical ({sum(a.values())} aten calls per forward)" if same else
-                             f"{sum(a.values())} vs {sum(b.values())} aten calls; differences: " + ", ".join(
+            opcheck[name] = (f"identical ({sum(a.values())} op calls per forward)" if same else
+                             f"{sum(a.values())} vs {sum(b.values())} op calls; differences: " + ", ".join(
                                  f"`{k}` {a.get(k, 0)} vs {b.get(k, 0)}" for k in sorted(set(a) | set(b)) if a.get(k, 0) != b.get(k, 0)))
         for threads in args.threads:
             torch.set_num_threads(threads)
@@ -177,12 +179,14 @@ def main(argv=None) -> int:
         out.append(f"Kernel time (torch.profiler, batch 1, {args.threads[0]} thread(s), 10 forwards of each, interleaved): "
                    "mean self CPU time of all aten ops per forward, vitdsl vs timm: "
                    + "; ".join(f"{n}: {a:.1f} ms vs {b:.1f} ms ({a / b:.3f})" for n, (a, b) in optime.items())
-                   + ". The kernels are the same but for the in-place sum and GELU (below); this figure excludes the "
+                   + ". The kernels differ where listed below: vitdsl's linear layers run oneDNN on a weight packed once "
+                     "(mkldnn::_linear_pointwise, no aten::addmm / aten::copy_ of the bias), its residual sums and GELU run "
+                     "in place; this figure excludes the "
                      "Python between kernels but is itself noisy (with several threads, time spent waiting on each other "
                      "counts).")
     if opcheck:
         out.append("")
-        out.append("aten ops per forward (torch.profiler, batch 1), vitdsl vs timm; any op not listed is called "
+        out.append("aten and mkldnn ops per forward (torch.profiler, batch 1), vitdsl vs timm; any op not listed is called "
                    "equally often by both: "
                    + "; ".join(f"{n}: {v}" for n, v in opcheck.items()) + ".")
     out.append("")

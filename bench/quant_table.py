@@ -10,7 +10,7 @@ Models: specs/digits_vit.vit (a plain ViT) and specs/digits_hybrid.vit (conv ste
 shifted windows, patch merging), trained with `vitdsl.train.train` (the code of
 `vitdsl train`) on scikit-learn's digits with its fixed stratified split (split seed 0)
 and training seed 0; the weights are cached in build/quant_table/ and retrained when the
-spec, the epochs or the seed change (or with --retrain).
+spec, the epochs, the seed or any vitdsl source file change (or with --retrain).
 
 Quantization: `vitdsl.quant.quantize.quantize` (the code of `vitdsl quantize`) with
 `bits=wNaM` for the uniform rows and `budget=B` for the greedy mixed-precision rows,
@@ -96,9 +96,21 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ models
+def code_fingerprint() -> str:
+    """sha256 of every vitdsl source file: trained weights depend on the initialisation and
+    training code as much as on the spec, so a cache from other code is stale."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((C.ROOT / "vitdsl").rglob("*.py")):
+        h.update(str(path.relative_to(C.ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def trained(name: str, out_dir: str, retrain: bool) -> tuple[Any, dict, dict]:
     """(graph, float state, training metrics) of a digits spec: the cached weights when
-    they were trained from this very spec with these settings, else a fresh run."""
+    they were trained from this very spec with these settings by this very vitdsl code
+    (`code_fingerprint`), else a fresh run."""
     from safetensors.torch import load_file
 
     import vitdsl
@@ -109,15 +121,21 @@ def trained(name: str, out_dir: str, retrain: bool) -> tuple[Any, dict, dict]:
     g = vitdsl.load(spec)
     out = os.path.join(out_dir, f"{name}.safetensors")
     meta = os.path.join(out_dir, f"{name}.json")
+    stamp = os.path.join(out_dir, f"{name}.code")  # the code_fingerprint the weights were trained by
     kw = dict(MODELS[name], seed=SEED)
-    if not retrain and os.path.exists(out) and os.path.exists(meta):
+    code = code_fingerprint()
+    if not retrain and all(os.path.exists(p) for p in (out, meta, stamp)):
         with open(meta) as f:
             m = json.load(f)
-        if m.get("spec_sha256") == spec_hash(g) and all(m.get(k) == v for k, v in kw.items()):
+        with open(stamp) as f:
+            same_code = f.read().strip() == code
+        if same_code and m.get("spec_sha256") == spec_hash(g) and all(m.get(k) == v for k, v in kw.items()):
             log(f"{name}: cached weights {os.path.relpath(out, C.ROOT)} (held-out {m['test_acc']:.2%})")
             return g, load_file(out), m
     log(f"{name}: training ({', '.join(f'{k}={v}' for k, v in kw.items())})")
     m = train(spec, data="digits", out=out, progress=True, **kw)
+    with open(stamp, "w") as f:
+        f.write(code + "\n")
     return g, load_file(out), m
 
 

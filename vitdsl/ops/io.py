@@ -11,6 +11,7 @@ from ..interop.timm import RENAMES
 from ..types import Cost, TensorType
 from .base import Attrs, OpDef, register_op
 from .init import trunc_normal
+from .linear import Linear
 
 
 @register_op
@@ -89,7 +90,7 @@ class Pool(OpDef):
         return _Pool(node.attrs.kind, ins[0].prefix)
 
 
-class HeadLinear(nn.Linear):
+class HeadLinear(Linear):
     """Pool (optional) then a linear classifier; weights sit at `head.weight` as in timm."""
 
     def __init__(self, cin: int, classes: int, bias: bool, pool: str | None, prefix: int):
