@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     if optime:
         out.append("")
         out.append(f"Kernel time (torch.profiler, batch 1, {args.threads[0]} thread(s), 10 forwards of each, interleaved): "
-                   "mean self CPU time of all aten ops per forward, vitdsl vs timm: "
+                   "mean self CPU time of all aten and mkldnn ops per forward, vitdsl vs timm: "
                    + "; ".join(f"{n}: {a:.1f} ms vs {b:.1f} ms ({a / b:.3f})" for n, (a, b) in optime.items())
                    + ". The kernels differ where listed below: vitdsl's linear layers run oneDNN on a weight packed once "
                      "(mkldnn::_linear_pointwise, no aten::addmm / aten::copy_ of the bias), its residual sums and GELU run "
