@@ -3,8 +3,9 @@
 For each model, the spec in specs/ is loaded and compiled (vitdsl.load + vitdsl.compile)
 and timm builds the same architecture (timm.create_model, no pretrained download);
 timm's weights are copied into the vitdsl module with
-vitdsl.interop.timm.convert_state_dict (load_state_dict strict=True), and the outputs
-are checked to agree.  Both models run in this one process, in eval mode, under
+vitdsl.interop.timm.convert_state_dict (load_state_dict strict=True), the vitdsl model
+is prepared for CPU inference with vitdsl.ops.linear.prepack (linear weights packed once
+for oneDNN; opt-in, like torch.jit.freeze), and the outputs are checked to agree.  Both models run in this one process, in eval mode, under
 torch.inference_mode, on the same input tensor.
 
 Per (model, batch, threads): --warmup untimed forwards of each, then --runs timed
@@ -14,7 +15,7 @@ the medians vitdsl/timm with a bootstrap 95% interval, and the median of the per
 ratios.  Target: vitdsl/timm <= 1.00.  Also, under torch.profiler, the self CPU time
 of all aten and mkldnn ops per forward (batch 1) of each model: the kernel work without
 the Python between kernels, and which ops each runs.  vitdsl's linear layers run
-oneDNN's linear on a weight packed once (vitdsl.ops.linear) where timm calls
+oneDNN's linear on a weight packed once (vitdsl.ops.linear.prepack) where timm calls
 aten::addmm, so the logits agree to rounding (about 1e-6), not bit for bit.
 
 torch's intra-op thread count is set explicitly (--threads, default: the cores this
@@ -44,11 +45,13 @@ def build_pair(name: str):
 
     import vitdsl
     from vitdsl.interop.timm import convert_state_dict
+    from vitdsl.ops.linear import prepack
 
     g = vitdsl.load(C.SPECS / f"{name}.vit")
     ours = vitdsl.compile(g)
     theirs = timm.create_model(name, pretrained=False)
     ours.load_state_dict(convert_state_dict(g, theirs.state_dict()), strict=True)
+    prepack(ours)  # vitdsl's CPU inference preparation: linear weights packed once for oneDNN
     ours.eval()
     theirs.eval()
     with torch.inference_mode():

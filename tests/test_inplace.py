@@ -9,7 +9,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vitdsl
-from vitdsl.ops.linear import packing
 
 SPECS = ["vit_tiny_patch16_224", "digits_hybrid", "revit_base_patch16_224", "mobilevit_s"]
 
@@ -22,15 +21,6 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture(autouse=True)
-def plain_linear():
-    """These tests compare runs with and without reuse bit for bit, so every run must
-    use the same GEMM: the packed CPU linear (vitdsl.ops.linear) is off here; it rounds
-    differently from F.linear, which autograd runs use (tests/test_linear.py)."""
-    with packing(False):
-        yield
 
 
 def model_and_input(name: str, batch: int = 2):

@@ -28,7 +28,6 @@ from ..types import Cost, TensorType
 from ..values import CallValue
 from .base import Attrs, OpDef, register_op
 from .init import trunc_normal
-from .linear import Linear
 
 
 # ------------------------------------------------------------------ attribute values
@@ -188,8 +187,8 @@ class Attention(nn.Module):
                  residual: Residual | None = None, has_prev: bool = False):
         super().__init__()
         self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = Linear(dim, dim, bias=proj_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.grid, self.prefix, self.window, self.shift = grid, prefix, window, shift
         self.residual, self.has_prev = residual, has_prev
         self.matmul_quant = None  # vitdsl.quant.fake.AttnQuant when the qkv layer is integer-quantized

@@ -11,7 +11,6 @@ from ..interop.timm import RENAMES
 from ..types import Cost, TensorType
 from .base import Attrs, OpDef, register_op
 from .init import trunc_normal
-from .linear import Linear
 
 
 @register_op
@@ -90,7 +89,7 @@ class Pool(OpDef):
         return _Pool(node.attrs.kind, ins[0].prefix)
 
 
-class HeadLinear(Linear):
+class HeadLinear(nn.Linear):
     """Pool (optional) then a linear classifier; weights sit at `head.weight` as in timm."""
 
     def __init__(self, cin: int, classes: int, bias: bool, pool: str | None, prefix: int):

@@ -1,46 +1,43 @@
-"""The linear layer of every vitdsl op: nn.Linear, with CPU inference on a pre-packed weight.
+"""`prepack(model)`: CPU inference of every linear layer on a weight packed once (oneDNN).
 
 Why: on the CPU, `F.linear` (aten::addmm) packs the weight matrix into the GEMM's
 blocked layout on every call and first writes the bias into the output, one more pass
 over it.  oneDNN's linear takes a weight reordered once into its own layout and adds
-the bias inside the GEMM.  On ViT-S/16 this makes a whole forward 7-17 % faster than
-the same module with F.linear on a 2-core CPU (batch 1 and 8, 1 and 2 threads), the
-linear layers being about 80 % of the time; bench/latency.py compares with timm.
+the bias inside the GEMM.  On ViT-S/16 a whole forward is 7-17 % faster than with
+F.linear on a 2-core CPU (batch 1 and 8, 1 and 2 threads), the linear layers being
+about 80 % of the time; bench/latency.py compares the prepacked model with timm.
 
-When: only where nothing can tell the difference but the clock and float rounding:
-gradients off (torch.no_grad or torch.inference_mode), not while torch.compile,
-torch.export, the ONNX exporter or torch.jit trace the module (they must see plain
-aten.linear), a float32 contiguous input on the CPU, not inside torch.func transforms,
-weights that are not inference tensors (those keep no version counter to notice updates),
-oneDNN available and enabled (torch.backends.mkldnn), and `packing()` not switched off.
-Otherwise it is exactly nn.Linear.
+Opt-in, like torch.jit.freeze: `prepack(model)` gives each `nn.Linear` (exact type)
+an instance-level forward; the modules, their parameters and state_dict keys stay what
+they were.  A prepacked layer uses the packed weight only where nothing but the clock
+and float rounding (about 1e-6) can tell: gradients off (no_grad / inference_mode),
+no autocast, no forward-mode AD level, not while torch.compile, torch.export, the ONNX
+exporter or torch.jit trace the module, a float32 contiguous (non-nested) CPU input, a
+float32 CPU weight that is not an inference tensor and not parametrized, and a
+contiguous float32 bias of the right shape (or none).  Everything else runs F.linear.
 
-Cost: each layer keeps its packed copy (as large as the weight) after its first such
-call; it is rebuilt when the weight changes (a new tensor or an in-place update, seen
-by the version counter) and freed by `drop_packed(model)`.  Results differ from
-F.linear by rounding only (another summation order, about 1e-6 relative).
+The packed copy (as large as the weight) is kept outside the module (a weak mapping:
+copies, pickles and state dicts never see it) and rebuilt when the weight changes in
+a way autograd's version counter sees: a new tensor, an in-place update, a
+`load_state_dict`.  Writes that bypass the counter (`weight.data[...] = ...`, numpy
+views, fused optimizers such as `Adam(fused=True)`) are not seen: call `prepack`
+again (it repacks) or `unpack` after such changes.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
+import functools
+import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
-_enabled = True
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-@contextlib.contextmanager
-def packing(enabled: bool) -> Iterator[None]:
-    """Switch the packed CPU path on or off within a block (on by default)."""
-    global _enabled
-    old, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = old
+def _fwd_ad_active() -> bool:
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def _wrapped(x: torch.Tensor) -> bool:
@@ -51,40 +48,76 @@ def _wrapped(x: torch.Tensor) -> bool:
         return False
 
 
-def packed_path_allowed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def packed_path_allowed(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The conditions of the module docstring (graph capture first: the tracers must not
     look into the rest)."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return False
-    return (_enabled and not torch.is_grad_enabled() and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and x.device.type == "cpu" and weight.device.type == "cpu" and x.dim() >= 2 and not weight.is_inference()
-            and type(x) is torch.Tensor and not x.is_mkldnn and not _wrapped(x) and x.is_contiguous()
+    b = layer.bias
+    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not _fwd_ad_active()
+            and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 2 and type(x) is torch.Tensor
+            and not x.is_nested and not x.is_mkldnn and not _wrapped(x) and x.is_contiguous()
+            and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() > 0
+            and not weight.is_inference() and not parametrize.is_parametrized(layer)
+            and (b is None or (b.dtype == torch.float32 and b.device.type == "cpu" and b.is_contiguous()
+                               and tuple(b.shape) == (weight.shape[0],)))
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, state_dict keys and autograd) whose gradient-free CPU
-    forward runs oneDNN's linear on a weight packed once (see the module docstring)."""
+def _packed(layer: nn.Linear, weight: torch.Tensor) -> torch.Tensor:
+    """The packed copy of `weight`, rebuilt unless it was made from this very tensor
+    object at this address and version."""
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    hit = _CACHE.get(layer)
+    if hit is not None and hit[0] == key and hit[1]() is weight:
+        return hit[2]
+    with torch.no_grad():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    _CACHE[layer] = (key, weakref.ref(weight), packed)
+    return packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if packed_path_allowed(x, self.weight):
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
 
-    def _packed_weight(self) -> torch.Tensor:
-        w = self.weight
-        key = (w.data_ptr(), w._version, tuple(w.shape))
-        cached = self.__dict__.get("_packed")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
-            cached = self.__dict__["_packed"] = (key, packed)
-        return cached[1]
+def forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A prepacked layer's forward (bound with functools.partial, so that copies and
+    pickles of the model keep it, bound to their own layer)."""
+    weight = layer.weight  # read once: a parametrization computes a new tensor per access
+    if packed_path_allowed(layer, x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, _packed(layer, weight), layer.bias, "none", [], "")
+    return F.linear(x, weight, layer.bias)
+
+
+def prepack(model: nn.Module) -> int:
+    """Give every `nn.Linear` (exact type) in `model` the packed CPU inference path and
+    pack its weight now (again if it was); returns how many layers.  Needs oneDNN
+    (torch.backends.mkldnn); without it nothing changes and 0 is returned."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            m.forward = functools.partial(forward, m)
+            _CACHE.pop(m, None)
+            w = m.weight
+            if w.dtype == torch.float32 and w.device.type == "cpu" and w.numel() > 0 and not w.is_inference():
+                _packed(m, w)
+            n += 1
+    return n
+
+
+def unpack(model: nn.Module) -> int:
+    """Undo `prepack`: plain nn.Linear forwards, packed copies freed; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m.__dict__.get("forward"), functools.partial) and m.__dict__["forward"].func is forward:
+            del m.__dict__["forward"]
+            _CACHE.pop(m, None)
+            n += 1
+    return n
 
 
 def _register_flops() -> None:
     """torch.utils.flop_counter counts aten.addmm; teach it the packed op too, so that a
-    FlopCounterMode over a gradient-free forward sees the same 2·M·N·K per layer."""
+    FlopCounterMode over a prepacked forward sees the same 2·M·N·K per layer."""
     try:
         from torch.utils.flop_counter import register_flop_formula
 
@@ -101,12 +134,3 @@ def _register_flops() -> None:
 
 
 _register_flops()
-
-
-def drop_packed(model: nn.Module) -> int:
-    """Free every packed weight copy in `model`; returns how many were dropped."""
-    n = 0
-    for m in model.modules():
-        if m.__dict__.pop("_packed", None) is not None:
-            n += 1
-    return n

@@ -12,7 +12,6 @@ from pydantic import Field
 from ..types import Cost, TensorType
 from .base import Attrs, OpDef, register_op
 from .init import trunc_normal
-from .linear import Linear
 
 
 class PatchMerging(nn.Module):
@@ -20,7 +19,7 @@ class PatchMerging(nn.Module):
         super().__init__()
         self.grid = grid
         self.norm = nn.LayerNorm(4 * dim, eps=eps)
-        self.reduction = Linear(4 * dim, out, bias=False)
+        self.reduction = nn.Linear(4 * dim, out, bias=False)
 
     def forward(self, x):
         B, N, C = x.shape

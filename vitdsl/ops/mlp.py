@@ -11,7 +11,6 @@ from ..types import Cost
 from .base import Attrs, OpDef, register_op
 from .inplace import held_only_by_caller, inference_reuse_allowed, unhooked
 from .init import trunc_normal
-from .linear import Linear
 
 
 class GELU(nn.GELU):
@@ -35,9 +34,9 @@ ACTIVATIONS = {
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act: str, bias: bool):
         super().__init__()
-        self.fc1 = Linear(dim, hidden, bias=bias)
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.act = ACTIVATIONS[act]()
-        self.fc2 = Linear(hidden, dim, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
         h = self.fc1(x)

@@ -35,7 +35,6 @@ from .base import Attrs, OpDef, register_op
 from .init import trunc_normal
 from .conv import ConvNormAct, conv_macs, conv_params, init_conv, need_image, none_word, timm_stage_renames
 from .mlp import Mlp
-from .linear import Linear
 
 LN_EPS = 1e-5  # nn.LayerNorm's default: timm's MobileViT and the ExMobileViT code both use it
 
@@ -49,8 +48,8 @@ class PatchAttention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
-        self.qkv = Linear(dim, 3 * inner, bias=qkv_bias)
-        self.proj = Linear(inner, dim)
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim)
         self.matmul_quant = None  # vitdsl.quant.fake.AttnQuant when the qkv layer is integer-quantized
 
     def forward(self, x):

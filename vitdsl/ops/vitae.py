@@ -42,7 +42,6 @@ from .attention import AttnKind, _partition, _reverse, relative_position_index
 from .base import Attrs, OpDef, SubNode, format_value, register_op
 from .init import trunc_normal
 from .conv import BN_EPS, conv_macs, conv_out_size, conv_params, init_conv, make_act, none_word
-from .linear import Linear
 
 Act = Literal["silu", "relu", "gelu", "none"]
 Dilations = tuple[Annotated[int, Field(ge=1, le=1024)], ...]
@@ -299,8 +298,8 @@ class CellAttention(nn.Module):
         super().__init__()
         self.heads, self.grid, self.vskip = heads, grid, vskip
         self.window = None if window is None else (window, window)
-        self.qkv = Linear(cin, 3 * dim, bias=qkv_bias)
-        self.proj = Linear(dim, dim, bias=proj_bias)
+        self.qkv = nn.Linear(cin, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.relative_position_bias_table = None
         self.matmul_quant = None  # vitdsl.quant.fake.AttnQuant when the qkv layer is integer-quantized
         if window is not None:

@@ -143,7 +143,7 @@ class QuantLinear(nn.Linear):
         super().__init__(src.in_features, src.out_features, bias=src.bias is not None, device=src.weight.device)
         self.weight, self.bias = src.weight, src.bias
         for k, v in src.__dict__.items():  # keep attributes of subclasses (e.g. the head's pooling)
-            if k not in self.__dict__ and not k.startswith("_"):
+            if k not in self.__dict__ and not k.startswith("_") and k != "forward":  # not a prepacked forward
                 self.__dict__[k] = v
         self.weight_quant = FakeQuant(wbits, signed=True, channels=src.out_features)
         self.input_quant = FakeQuant(abits, signed=True)
