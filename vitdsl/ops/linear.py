@@ -3,9 +3,10 @@
 Why: on the CPU, `F.linear` (aten::addmm) packs the weight matrix into the GEMM's
 blocked layout on every call and first writes the bias into the output, one more pass
 over it.  oneDNN's linear takes a weight reordered once into its own layout and adds
-the bias inside the GEMM.  On ViT-S/16 a whole forward is 7-17 % faster than with
-F.linear on a 2-core CPU (batch 1 and 8, 1 and 2 threads), the linear layers being
-about 80 % of the time; bench/latency.py compares the prepacked model with timm.
+the bias inside the GEMM.  The linear layers are about 80 % of a ViT forward; on a
+2-core CPU with 2 threads the prepacked ViT-S/B runs at 0.83-0.95 of timm's time
+(bench/latency.py, docs/benchmarks.md), with 1 thread the gain is small and varies
+between runs (0-7 %: the GEMMs are compute-bound there).
 
 Opt-in, like torch.jit.freeze: `prepack(model)` gives each `nn.Linear` (exact type)
 an instance-level forward; the modules, their parameters and state_dict keys stay what
