@@ -32,6 +32,15 @@ class Calls(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The packed path is for two or more intra-op threads (one thread: F.linear)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
 def ops_of(fn) -> set[str]:
     calls = Calls()
     with calls:
@@ -97,6 +106,8 @@ def test_autograd_and_other_inputs_take_plain_f_linear():
         with torch.inference_mode():
             frozen = layer()  # created in inference mode: no version counter to watch
         assert not packed_path_allowed(frozen, x, frozen.weight)
+        torch.set_num_threads(1)
+        assert not packed_path_allowed(lin, x, lin.weight)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

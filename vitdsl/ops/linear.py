@@ -5,13 +5,15 @@ blocked layout on every call and first writes the bias into the output, one more
 over it.  oneDNN's linear takes a weight reordered once into its own layout and adds
 the bias inside the GEMM.  The linear layers are about 80 % of a ViT forward; on a
 2-core CPU with 2 threads the prepacked ViT-S/B runs at 0.83-0.95 of timm's time
-(bench/latency.py, docs/benchmarks.md), with 1 thread the gain is small and varies
-between runs (0-7 %: the GEMMs are compute-bound there).
+(bench/latency.py, docs/benchmarks.md).  With one intra-op thread MKL's sgemm behind
+F.linear was as fast or up to 5 % faster in repeated runs, so the packed path is taken
+only with two or more threads (torch.get_num_threads()).
 
 Opt-in, like torch.jit.freeze: `prepack(model)` gives each `nn.Linear` (exact type)
 an instance-level forward; the modules, their parameters and state_dict keys stay what
 they were.  A prepacked layer uses the packed weight only where nothing but the clock
-and float rounding (about 1e-6) can tell: gradients off (no_grad / inference_mode),
+and float rounding (about 1e-6) can tell, with two or more intra-op threads: gradients
+off (no_grad / inference_mode),
 no autocast, no forward-mode AD level, not while torch.compile, torch.export, the ONNX
 exporter or torch.jit trace the module, a float32 contiguous (non-nested) CPU input, a
 float32 CPU weight that is not an inference tensor and not parametrized, and a
@@ -55,7 +57,8 @@ def packed_path_allowed(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor)
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
         return False
     b = layer.bias
-    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not _fwd_ad_active()
+    return (torch.get_num_threads() > 1 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not _fwd_ad_active()
             and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 2 and type(x) is torch.Tensor
             and not x.is_nested and not x.is_mkldnn and not _wrapped(x) and x.is_contiguous()
             and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() > 0
