@@ -4,9 +4,10 @@ For each model, the spec in specs/ is loaded and compiled (vitdsl.load + vitdsl.
 and timm builds the same architecture (timm.create_model, no pretrained download);
 timm's weights are copied into the vitdsl module with
 vitdsl.interop.timm.convert_state_dict (load_state_dict strict=True), the vitdsl model
-is prepared for CPU inference with vitdsl.ops.linear.prepack (linear weights packed once
-for oneDNN; opt-in, like torch.jit.freeze), and the outputs are checked to agree.  Both models run in this one process, in eval mode, under
-torch.inference_mode, on the same input tensor.
+is prepared for CPU inference with vitdsl.ops.linear.prepack (linear weights packed
+once for oneDNN; opt-in, like torch.jit.freeze), and the outputs are checked to agree.
+Both models run in this one process, in eval mode, under torch.inference_mode, on the
+same input tensor.
 
 Per (model, batch, threads): --warmup untimed forwards of each, then --runs timed
 pairs; each pair runs both models back to back, alternating which goes first, so slow

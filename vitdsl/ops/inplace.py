@@ -51,10 +51,15 @@ def donated_input(graph, node, step: int, last: dict[str, int]) -> int | None:
 _REFCOUNTS_CHECKED = sys.implementation.name == "cpython" and (3, 10) <= sys.version_info[:2] < (3, 14)
 
 
+def graph_capture_active() -> bool:
+    """torch.compile, torch.export or the jit/ONNX tracer is recording the module: they
+    must see the plain functional ops."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def inference_reuse_allowed() -> bool:
     """True outside autograd recording and graph capture, on a checked CPython."""
-    return _REFCOUNTS_CHECKED and not (torch.is_grad_enabled() or torch.compiler.is_compiling()
-                                       or torch.compiler.is_exporting() or torch.jit.is_tracing())
+    return _REFCOUNTS_CHECKED and not (torch.is_grad_enabled() or graph_capture_active())
 
 
 def held_only_by_caller(t: object) -> bool:

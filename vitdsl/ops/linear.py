@@ -13,11 +13,11 @@ Opt-in, like torch.jit.freeze: `prepack(model)` gives each `nn.Linear` (exact ty
 an instance-level forward; the modules, their parameters and state_dict keys stay what
 they were.  A prepacked layer uses the packed weight only where nothing but the clock
 and float rounding (about 1e-6) can tell, with two or more intra-op threads: gradients
-off (no_grad / inference_mode),
-no autocast, no forward-mode AD level, not while torch.compile, torch.export, the ONNX
-exporter or torch.jit trace the module, a float32 contiguous (non-nested) CPU input, a
-float32 CPU weight that is not an inference tensor and not parametrized, and a
-contiguous float32 bias of the right shape (or none).  Everything else runs F.linear.
+off (no_grad / inference_mode), no autocast, no forward-mode AD level, not while
+torch.compile, torch.export, the ONNX exporter or torch.jit trace the module, a float32
+contiguous (non-nested) CPU input, a float32 CPU weight that is not an inference tensor
+and not parametrized, and a contiguous float32 bias of the right shape (or none).
+Everything else runs F.linear.
 
 The packed copy (as large as the weight) is kept outside the module (a weak mapping:
 copies, pickles and state dicts never see it) and rebuilt when the weight changes in
@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from .inplace import graph_capture_active
+
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -51,18 +53,23 @@ def _wrapped(x: torch.Tensor) -> bool:
         return False
 
 
+def _packable(weight: torch.Tensor) -> bool:
+    """A weight oneDNN can pack and whose changes the version counter shows."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() > 0
+            and not weight.is_inference())
+
+
 def packed_path_allowed(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The conditions of the module docstring (graph capture first: the tracers must not
     look into the rest)."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+    if graph_capture_active():
         return False
     b = layer.bias
     return (torch.get_num_threads() > 1 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and not _fwd_ad_active()
             and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 2 and type(x) is torch.Tensor
             and not x.is_nested and not x.is_mkldnn and not _wrapped(x) and x.is_contiguous()
-            and weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.numel() > 0
-            and not weight.is_inference() and not parametrize.is_parametrized(layer)
+            and _packable(weight) and not parametrize.is_parametrized(layer)
             and (b is None or (b.dtype == torch.float32 and b.device.type == "cpu" and b.is_contiguous()
                                and tuple(b.shape) == (weight.shape[0],)))
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
@@ -101,9 +108,8 @@ def prepack(model: nn.Module) -> int:
         if type(m) is nn.Linear:
             m.forward = functools.partial(forward, m)
             _CACHE.pop(m, None)
-            w = m.weight
-            if w.dtype == torch.float32 and w.device.type == "cpu" and w.numel() > 0 and not w.is_inference():
-                _packed(m, w)
+            if _packable(m.weight):
+                _packed(m, m.weight)
             n += 1
     return n
 

@@ -213,13 +213,15 @@ class LayerCalibrator:
         q.set_range(lo.reshape(1), hi.reshape(1))
         base = self._half_errors((self._out(m, x, wq, True) - ref).pow(2), halves)
         qmax = 2 ** (q.bits - 1) - 1
+        hi_pos = hi.clamp(min=0)
         best = (base.sum().item(), None, base)
         for c in CLIPS:
+            delta = float(c * hi_pos / qmax)
             for mm in M_GRID:
-                q.set_twin(float(c * hi.clamp(min=0) / qmax), mm)
+                q.set_twin(delta, mm)
                 e = self._half_errors((self._out(m, x, wq, True) - ref).pow(2), halves)
                 if e.sum().item() < best[0]:
-                    best = (e.sum().item(), (float(c * hi.clamp(min=0) / qmax), mm), e)
+                    best = (e.sum().item(), (delta, mm), e)
         if best[1] is not None and self._consistent(best[2], base, halves):
             q.set_twin(*best[1])
             return best[0] / ref.numel()
