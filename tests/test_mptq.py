@@ -197,3 +197,41 @@ def test_q_and_k_are_scored_with_the_alpha_the_softmax_sees(mode):
     assert len(got) == 3 and got[0] == 1.0  # the first block has no earlier scores
     want = {"fixed": [0.3, 0.3], "learnable": [0.6, 0.6], "per_block": [0.7, 0.8]}[mode]
     assert got[1:] == pytest.approx(want)
+
+
+def test_sequential_calibration_reads_each_node_with_the_nodes_before_it_quantized(setup):
+    """calibrate(method="mptq") calibrates graph node by graph node (an attention, an MLP:
+    the residual branches BRECQ reconstructs one at a time): a node's layers are searched
+    on the inputs the model produces with every earlier node quantized and the node
+    itself float, against the float model's outputs.  Checked against an independent
+    run of the finished model with that node's quantizers off."""
+    from vitdsl.quant.mptq import LayerCalibrator
+
+    g, state, images = setup
+    qg = vitdsl.loads(BASE.replace("  head pool=cls classes=10\n", "  head pool=cls classes=10\n  bits {\n    default w4a4\n  }\n"))
+    qmodel = vitdsl.compile(qg)
+    qmodel.load_state_dict(state, strict=False)
+    cal = LayerCalibrator(qmodel, images, sequential=True)
+    cal.calibrate_all()
+    first = cal.order[0]
+    assert first == "patch_embed.proj" and torch.equal(cal.inputs[first], cal.float_inputs[first])  # nothing upstream
+    for node in ("blocks.1.attn", "blocks.1.mlp"):
+        layers = [n for n in cal.order if n.startswith(node + ".")]
+        assert len(layers) == 2 and all(cal.block[n] == node for n in layers)
+        seen = {}
+        hooks = [qmodel.get_submodule(n).register_forward_pre_hook(
+            lambda mod, args, n=n: seen.__setitem__(n, args[0].reshape(-1, args[0].shape[-1]))) for n in layers]
+        off = [q for n in layers for q in cal.quantizers(n)]
+        try:
+            for q in off:
+                q.bypass = True
+            with torch.no_grad():
+                qmodel(images)
+        finally:
+            for q in off:
+                q.bypass = False
+            for h in hooks:
+                h.remove()
+        for n in layers:  # 4 images x 17 tokens: every row is kept, in order
+            torch.testing.assert_close(cal.inputs[n], seen[n], rtol=0, atol=0)
+            assert not torch.allclose(cal.inputs[n], cal.float_inputs[n])  # the upstream quantization shows

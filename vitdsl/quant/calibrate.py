@@ -139,5 +139,5 @@ def _mptq(model: nn.Module, data: torch.Tensor, layers, progress) -> nn.Module:
     if graph is not None:
         with float_run(model):
             fold_sqb(model, data)  # SQ-b first: it changes the weights the ranges are chosen for
-    LayerCalibrator(model, data).calibrate_all(progress=(lambda i, n: progress(i)) if progress else None)
+    LayerCalibrator(model, data, sequential=True).calibrate_all(progress=(lambda i, n: progress(i)) if progress else None)
     return model.eval()
