@@ -78,6 +78,28 @@ def test_timm_same_architecture_agrees(tmp_path, capsys):
     assert list(r["contenders"]) == ["vitdsl", "timm:vit_tiny_patch16_224"]
 
 
+@pytest.mark.parametrize("flag", [[], ["--no-prepack"]])
+def test_cpu_eager_prepacks_vitdsl_unless_told_not_to(tmp_path, monkeypatch, flag):
+    """On the CPU the vitdsl contender runs prepacked (as bench/latency.py times it), the
+    outputs still agree with timm's; --no-prepack leaves its linear layers plain."""
+    import vitdsl.ops.linear as L
+
+    packed = []
+    real = L.prepack
+    monkeypatch.setattr(L, "prepack", lambda m: packed.append(real(m)) or packed[-1])
+    out = tmp_path / "r.json"
+    spec = os.path.join(ROOT, "specs", "vit_tiny_patch16_224.vit")
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", spec, "--json", str(out), *FAST, "--threads", "2", "--runs", "1", *flag]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rep = json.loads(out.read_text())
+    assert rep["prepacked"] is (not flag)
+    assert packed == ([] if flag else [4 * 12])  # qkv, proj, fc1, fc2 per block (the head pools first: not packed)
+    assert rep["results"][0]["agreement"]["agree"] and rep["results"][0]["agreement"]["max_abs_diff"] < 1e-4
+
+
 def test_vit_small_weights_copy_agrees():
     g = vitdsl.load(os.path.join(ROOT, "specs", "vit_small_patch16_224.vit"))
     prep = B.prepare(g, "cpu")

@@ -85,13 +85,14 @@ def test_mptq_kl_is_lower_than_minmax(results, setting):
 
 
 # One held-out image is 100/359 = 0.28 points, more than the 0.2-point slack, so
-# at high widths a single image decides this relation.  At MP 5 the two methods are one
-# or two images apart, and which way has flipped with small calibration changes (with
-# the per-channel weight search it passed here; with sequential calibration minmax is
-# two images ahead, 0.3 points above FP32, while mptq's KL is 0.64x minmax's).  Marked
-# non-strict so that one image flipping with another CPU's float rounding cannot fail
-# CI; every other case is strict.
-ONE_IMAGE_MISSES = {"MP 5": "mptq and minmax are one or two held-out images (0.28 points each) apart at MP 5"}
+# at high widths a single image decides this relation.  At MP 5 mptq is two images
+# below minmax here (96.94% against 97.49%, minmax 0.28 points above FP32 itself) while
+# its KL is 0.64x minmax's: a deterministic miss on this model and split, not rounding.
+# It has gone both ways with small calibration changes (it passed with the per-channel
+# weight search), so it is marked non-strict and the full table
+# (bench/quant_table.py, docs/benchmarks.md) reports it with paired evidence; every
+# other case is strict.
+ONE_IMAGE_MISSES = {"MP 5": "mptq is two held-out images (0.56 points) below minmax at MP 5, minmax one above FP32"}
 
 
 @pytest.mark.parametrize("setting", [

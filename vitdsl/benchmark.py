@@ -262,9 +262,10 @@ class Contender:
     macs: int  # per image
 
 
-def contenders(prep: Prepared, dtype: str, backend: str) -> list[Contender]:
+def contenders(prep: Prepared, dtype: str, backend: str, prepack: bool = False) -> list[Contender]:
     """The prepared modules cast to `dtype` (copies; fp32 uses the originals) and
-    wrapped by `backend`."""
+    wrapped by `backend`; with `prepack`, vitdsl's linear layers get their packed CPU
+    inference path first (vitdsl.ops.linear.prepack; timm's model is left as it is)."""
     import torch
 
     if backend not in BACKENDS:
@@ -277,6 +278,10 @@ def contenders(prep: Prepared, dtype: str, backend: str) -> list[Contender]:
         pairs.append((prep.counterpart.label, prep.theirs, prep.theirs_macs))
     for label, module, macs in pairs:
         m = module if dtype == "fp32" else copy.deepcopy(module).to(td)
+        if prepack and label == "vitdsl":
+            from .ops.linear import prepack as pack
+
+            pack(m)
         dev = next(m.parameters()).device
         out.append(Contender(label, BACKENDS[backend](m, torch.zeros(1, *shape, device=dev, dtype=td)), macs))
     return out
@@ -440,9 +445,11 @@ def check_dtype(dtype: str, device: str) -> None:
 
 def run(spec: str, *, backend: str = "torch", batches: Sequence[int] = (1,), dtype: str = "fp32",
         device: str | None = None, warmup: int = 5, runs: int = 20, threads: int | None = None,
-        timm: bool = True, max_params: int = 10**10,
+        timm: bool = True, max_params: int = 10**10, prepack: bool = True,
         progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
-    """Benchmark one spec; returns the report (what `--json` writes)."""
+    """Benchmark one spec; returns the report (what `--json` writes).  `prepack`: on
+    the CPU with the eager backend, vitdsl's linear layers run on weights packed once
+    (vitdsl.ops.linear.prepack, what a deployment on the CPU would do)."""
     import torch
 
     from .api import load
@@ -463,7 +470,8 @@ def run(spec: str, *, backend: str = "torch", batches: Sequence[int] = (1,), dty
     if graph.input.out.kind != "image":
         raise SpecError(f"vitdsl bench feeds images; the input of {graph.name} is '{graph.input.out.kind}'", filename=spec)
     prep = prepare(graph, dev, timm=timm)
-    cs = contenders(prep, dtype, backend)
+    packed = prepack and backend == "torch" and torch.device(dev).type == "cpu"
+    cs = contenders(prep, dtype, backend, prepack=packed)
     shape = graph.input.out.shape
     total = len(batches) * len(cs) * (1 + warmup + runs)
     done = 0
@@ -489,7 +497,7 @@ def run(spec: str, *, backend: str = "torch", batches: Sequence[int] = (1,), dty
         timm_version = None
     return {
         "spec": spec, "model": graph.name, "params": graph.total().params, "macs_per_image": graph.total().macs,
-        "input": list(shape), "backend": backend, "dtype": dtype, "batches": list(batches),
+        "input": list(shape), "backend": backend, "prepacked": packed, "dtype": dtype, "batches": list(batches),
         "warmup": warmup, "runs": runs,
         "device": {"type": torch.device(dev).type, "name": name, "threads": torch.get_num_threads(),
                    "peak_tflops": peak[0] if peak else None, "peak_matched_as": peak[1] if peak else None},
@@ -530,6 +538,9 @@ def render_report(rep: dict[str, Any]) -> str:
     notes = [f"{rep['runs']} timed runs after {rep['warmup']} warm-up runs per model"
              + ("" if not ratios else ", interleaved; vitdsl/timm = ratio of median times (<= 1.00: vitdsl at least as fast)")
              + f"; {unit} from the graph's MACs (2 FLOPs per MAC)."]
+    if rep.get("prepacked"):
+        notes.append("vitdsl's linear layers ran on weights packed once for oneDNN (vitdsl.ops.linear.prepack, "
+                     "used with 2+ threads); --no-prepack times them unpacked.")
     if peak:
         notes.append(f"% peak: of the dense {rep['dtype']} tensor-core peak of the {dev['peak_matched_as']} "
                      f"({dev['peak_tflops']:g} TFLOP/s, vendor datasheet).")
@@ -571,7 +582,7 @@ def cmd_bench(args) -> int:
 
     rep = run(args.spec, backend=args.backend, batches=_positive(args.batch, "--batch"), dtype=args.dtype,
               device=args.device, warmup=args.warmup, runs=args.runs, threads=args.threads,
-              timm=not args.no_timm, max_params=args.max_params,
+              timm=not args.no_timm, max_params=args.max_params, prepack=not args.no_prepack,
               progress=Bar(not args.quiet and sys.stderr.isatty()))
     print(render_report(rep))
     if args.json:
@@ -600,6 +611,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads on the CPU (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="also write the report, with every timing, as JSON")
     p.add_argument("--no-timm", action="store_true", help="time vitdsl alone")
+    p.add_argument("--no-prepack", action="store_true",
+                   help="on the CPU (eager backend), time vitdsl's linear layers without weights packed once "
+                        "for oneDNN (default: packed, vitdsl.ops.linear.prepack)")
     p.add_argument("--max-params", type=int, default=10**10, metavar="N",
                    help="refuse models with more parameters than this (default: 10^10)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

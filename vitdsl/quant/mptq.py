@@ -14,10 +14,14 @@ Quantization for Vision Transformer", 2024).
 
 Sequential calibration (`sequential=True`, what `calibrate(method="mptq")` runs; not in
 the paper): graph nodes (a patch embedding, an attention, an MLP: the residual branches
-BRECQ calls blocks) are calibrated in the order the forward pass reaches them, and each
-node's searches run on the inputs the model produces with every earlier node already
-quantized, against the float model's outputs (the block-wise reconstruction order of
-BRECQ, Li et al. 2021, §3.2, without its rounding optimisation).  A layer's ranges then
+BRECQ calls blocks; a MobileViT block is one node) are calibrated in the order the
+forward pass reaches them, and each node's searches run on the inputs the model
+produces with every earlier node already quantized.  A linear or conv layer's output
+error is measured against the float model's output (the float input through the float
+weights: the block-wise reconstruction target of BRECQ, Li et al. 2021, §3.2, without
+its rounding optimisation); the attention operands' against the attention output of the
+operands as captured (a float reference there was worse on the digits models at 3 and
+4 bits).  A layer's ranges then
 fit the inputs it will see, and a range can partly make up for the error upstream: at
 3 bits, where upstream error is largest, this lowered the digits models' logit KL by
 15-20% (docs/quantization.md).  The mixed-precision search's trial calibrations use the
@@ -267,10 +271,9 @@ class LayerCalibrator:
     def calibrate(self, name: str) -> float:
         """Set layer `name`'s weight and input ranges (and its attention's, for a qkv
         layer); returns the chosen output MSE of the layer."""
-        try:
-            return self._calibrate(name)
-        finally:
-            self.done.add(name)
+        err = self._calibrate(name)
+        self.done.add(name)  # only a layer whose ranges are all set is quantized in later captures
+        return err
 
     def _calibrate(self, name: str) -> float:
         m = self.layers[name]
@@ -344,7 +347,7 @@ class LayerCalibrator:
         half = self.halves[f"{name}:attn"]
         kt = k.transpose(-2, -1)
         s = q @ kt  # the observed q already carries the softmax scale
-        ref = p @ v
+        ref = p @ v  # of the operands as captured (sequentially: upstream quantized); see the module docstring
 
         alpha = self.score_weight.get(name, 1.0)
 

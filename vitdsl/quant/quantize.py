@@ -88,8 +88,12 @@ def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | Non
         g8 = with_bits(graph, [("default", f"w{top}a{top}")])
         m8 = compile(g8)
         m8.load_state_dict(state, strict=False)
-        if method == "mptq":
-            calibrate(m8, images, method="mptq")  # folds SQ-b into m8's weights
+        if method == "mptq":  # SQ-b first, as calibrate(method="mptq") does; the search sets every range
+            from .calibrate import float_run
+            from .sqb import fold_sqb
+
+            with float_run(m8):
+                fold_sqb(m8, images)
         chosen = greedy_mixed_precision(m8, images, ref, budget, {q.name: (q.weights, q.act_elems) for q in layers},
                                         tuple(candidates), progress=progress, method=method)
         rules = [("default", f"w{top}a{top}")] + [(n, f"w{w}a{a}") for n, (w, a) in chosen.items() if (w, a) != (top, top)]
