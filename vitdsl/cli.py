@@ -281,7 +281,9 @@ def make_parser() -> argparse.ArgumentParser:
     group = q.add_mutually_exclusive_group(required=True)
     group.add_argument("--bits", metavar="wNaM", help="one width for every layer, e.g. w4a8")
     group.add_argument("--budget", type=float, metavar="B", help="average width for the mixed-precision search, e.g. 5.0")
-    q.add_argument("--method", default="mptq", choices=["minmax", "percentile", "mptq"], help="calibration (default: mptq)")
+    q.add_argument("--method", default="mptq", choices=["minmax", "percentile", "mptq"], help="calibration: minmax (observed range), percentile (99.99th), or mptq (MPTQ-ViT: "
+                        "SQ-b, twin ranges after GELU, ranges by output error, node by node on the quantized "
+                        "upstream; docs/quantization.md) (default: mptq)")
     q.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress")
     q.set_defaults(func=cmd_quantize)
