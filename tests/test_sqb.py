@@ -46,3 +46,24 @@ def test_folded_activations_are_centred_per_channel():
     before, after = seen[0], seen[-1]  # (fold_sqb runs its own forward in between)
     assert before.mean(0).abs().max() > 1.0
     assert after.mean(0).abs().max() < 1e-4  # the calibration mean is removed exactly
+
+
+def test_a_linear_without_bias_gets_the_scale_only_and_keeps_its_keys():
+    """A spec without qkv_bias: no bias to fold W μ into, so SQ-b scales only; the model
+    computes the same function, its state-dict keys do not change, and the spec
+    `vitdsl quantize` writes loads the quantized weights strictly."""
+    from vitdsl.quant.quantize import quantize
+
+    text = BASE.replace(" qkv_bias", "")
+    torch.manual_seed(0)
+    model = vitdsl.compile(vitdsl.loads(text)).eval()
+    with torch.no_grad():
+        model.get_submodule("blocks.0.norm1").bias.normal_(2.0, 1.0)  # an offset the shift would have removed
+    ref, keys = copy.deepcopy(model), set(model.state_dict())
+    calib, test = torch.randn(8, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    fold_sqb(model, calib)
+    assert model.get_submodule("blocks.0.attn.qkv").bias is None and set(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(test), ref(test), atol=1e-5, rtol=1e-5)
+    qgraph, qmodel, _ = quantize(vitdsl.loads(text), ref.state_dict(), calib, bits="w8a8", method="mptq")
+    vitdsl.compile(qgraph).load_state_dict(qmodel.state_dict(), strict=True)

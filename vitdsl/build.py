@@ -118,6 +118,9 @@ def build(graph: Graph, out: str, backend: str = "torch", seed: int = 0, weights
     model = compile(graph, seed=seed).eval()
     if weights:
         load_weights(model, weights)
+    from .quant.fake import require_ranges
+
+    require_ranges(model, graph, "vitdsl build" + (" with these weights" if weights else " without --weights"))
     if backend in ("onnx", "trt"):
         from .backends.deploy import write_deploy
 

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .errors import SpecError
+from .errors import Span, SpecError
 
 
 def _load(args):
@@ -310,6 +310,18 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error_text(e: SpecError) -> str:
+    """A diagnostic as the terminal shows it: `file:line:col: error: ...` for a file; a
+    problem with an option or built-in data (no file: `<string>`, `<digits>`, `--batch`)
+    is `vitdsl: error: ...`, as argparse words its own."""
+    if e.source is None and e.span == Span():
+        if e.filename.startswith(("<", "-")):
+            return f"vitdsl: error: {e.message}"
+        if e.filename.startswith("vitdsl "):  # a command's own options (vitdsl bench)
+            return f"{e.filename}: error: {e.message}"
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run(make_parser().parse_args(argv))
 
@@ -319,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except SpecError as e:
-        print(str(e), file=sys.stderr)
+        print(_error_text(e), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ in lets, one blank line at most between statements and one between top-level ite
 from __future__ import annotations
 
 from . import ast as A
+from .errors import SpecError
 from .syntax import parse
 
 INDENT = "  "
@@ -164,4 +165,7 @@ def format_spec(spec: A.SpecFile) -> str:
 
 def format_text(text: "str | bytes", filename: str = "<string>") -> str:
     """Canonical layout of spec text; raises SpecError on a syntax error."""
-    return format_spec(parse(text, filename))
+    try:
+        return format_spec(parse(text, filename))
+    except RecursionError:  # as vitdsl.api.loads reports it
+        raise SpecError("spec is nested too deeply", filename=filename) from None

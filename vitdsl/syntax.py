@@ -25,6 +25,7 @@ _TERMINAL_NAMES = {
     "SIZE": "a size such as 3x224x224",
     "STRING": "a quoted string",
     "DOTTED": "a dotted name such as blocks.3.attn",
+    "SELECTOR": "a layer selector such as blocks.*.mlp.fc1",
     "_NL": "end of line",
     "$END": "end of file",
         "COMMENT": "a comment",

@@ -522,6 +522,9 @@ def _train(graph, spec_name, data, epochs, batch_size, lr, seed, out, progress, 
 
     torch.manual_seed(seed)
     model = vit_compile(graph, seed=seed)
+    from .quant.fake import require_ranges
+
+    require_ranges(model, graph, "vitdsl train (from random weights)")
     n_params = sum(p.numel() for p in model.parameters())
     ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 

@@ -4,6 +4,7 @@ Spec text is never eval'd: expressions are interpreted here over plain numbers.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -51,16 +52,13 @@ def evaluate(expr: A.Expr, env: dict[str, Any]) -> Any:
                 raise SpecError(f"'{expr.op}' needs numbers, got {_show(v)}{hint}", side.span)
         if expr.op in ("/", "//") and b == 0:
             raise SpecError("division by zero", expr.right.span)
-        if expr.op == "+":
-            return a + b
-        if expr.op == "-":
-            return a - b
-        if expr.op == "*":
-            return a * b
-        if expr.op == "//":
-            return a // b
-        q = a / b  # '/' keeps integers integral when it divides exactly
-        return int(q) if isinstance(a, int) and isinstance(b, int) and a % b == 0 else q
+        try:
+            v = _arith(expr.op, a, b)
+        except OverflowError:
+            v = float("inf")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SpecError(f"'{expr.op}' overflows: the result is too large for a number", expr.span)
+        return v
     if isinstance(expr, A.TupleExpr):
         return tuple(evaluate(i, env) for i in expr.items)
     if isinstance(expr, A.Call):
@@ -68,6 +66,20 @@ def evaluate(expr: A.Expr, env: dict[str, Any]) -> Any:
         kwargs = {a.key: evaluate(a.value, env) for a in expr.args if a.key is not None}
         return CallValue(name=expr.name, args=args, kwargs=kwargs)
     raise SpecError("unsupported expression", getattr(expr, "span", None))  # pragma: no cover
+
+
+def _arith(op: str, a: int | float, b: int | float) -> int | float:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op == "//":
+        return a // b
+    if isinstance(a, int) and isinstance(b, int) and a % b == 0:  # '/' keeps integers integral when it divides exactly
+        return a // b
+    return a / b
 
 
 def _show(v: Any) -> str:

@@ -174,6 +174,8 @@ class Mv2Op(OpDef):
         c, h, w = need_image(node, ins[0])
         if self.hidden(a, c) < 1:
             raise node.error(f"expand={a.expand} leaves no hidden channels for {c} input channels", "expand")
+        if a.kernel % 2 == 0:  # padded kernel // 2 per side: only an odd kernel keeps the map size at stride 1
+            raise node.error(f"kernel must be odd, got {a.kernel}", "kernel")
         oh, ow = (conv_out_size(s, a.kernel, a.stride, a.kernel // 2, 1) for s in (h, w))
         if oh < 1 or ow < 1:
             raise node.error(f"kernel {a.kernel} is larger than the {h}x{w} input", "kernel")

@@ -150,6 +150,8 @@ class MobileViTOp(OpDef):
     def infer(self, node, ins):
         a = node.attrs
         c, h, w = need_image(node, ins[0])
+        if a.kernel % 2 == 0:  # the local and fusion convs pad kernel // 2 per side to keep the map size
+            raise node.error(f"kernel must be odd, got {a.kernel}", "kernel")
         if h % a.patch or w % a.patch:
             raise node.error(f"feature map {h}x{w} is not divisible by the patch size {a.patch}", "patch")
         if a.head_dim is None and a.dim % a.heads:

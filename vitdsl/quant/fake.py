@@ -213,6 +213,24 @@ def apply_bits(model: nn.Module, bits: dict) -> nn.Module:
     return model
 
 
+def require_ranges(model: nn.Module, graph, what: str) -> None:
+    """A SpecError at the spec's bits section when quantized layers have no calibrated
+    ranges (a spec with integer widths built or trained from scratch): ranges come
+    from calibration data, which `what` does not have."""
+    from ..errors import SpecError
+
+    missing = sorted({n.rsplit(".", 1)[0] for n, m in model.named_modules()
+                      if isinstance(m, FakeQuant) and not m._ready})
+    if not missing:
+        return
+    stmt = next((s for s in graph.program if s.kind == "bits"), None)
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    err = SpecError(f"{what} needs calibrated quantization ranges, and {', '.join(missing[:3])}{more} have none: "
+                    "quantize the float spec with `vitdsl quantize` (it writes the ranges with the weights), "
+                    "or drop the bits section", stmt.span if stmt is not None else None)
+    raise err.located(graph.filename, graph.source)
+
+
 def attn_quant_of(model: nn.Module, layer: str) -> AttnQuant | None:
     """The attention quantizers that belong to quantized layer `layer` (a qkv layer), if any."""
     parent_name, _, leaf = layer.rpartition(".")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Callable
 
@@ -70,6 +71,15 @@ def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | Non
         raise SpecError(f"calibration images have shape {tuple(images.shape)}; the model takes (N, {', '.join(map(str, graph.input.out.shape))})")
     if images.shape[0] == 0:
         raise SpecError("the calibration set is empty")
+    if not torch.isfinite(images).all():
+        raise SpecError(f"calibration images hold NaN or infinite values ({int((~torch.isfinite(images)).sum())} of "
+                        f"{images.numel()})")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SpecError(f"weights hold NaN or infinite values: {', '.join(bad[:5])}"
+                        f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}", filename=weights_name)
+    if budget is not None and not math.isfinite(budget):
+        raise SpecError(f"the budget must be a finite average width, got {budget}")
     if bits is not None:
         BitSpec.parse(bits)
     if budget is not None and budget < min(candidates):

@@ -13,7 +13,9 @@ and rewrite, exactly in real arithmetic,
     W y + b = W' y' + b'    ->  W' = W · diag(s),       b' = b + W μ
 
 so the activations the quantizer sees are centred and flattened across channels,
-while the model computes the same function.
+while the model computes the same function.  A linear layer without a bias (a spec
+without `qkv_bias`) has nowhere to fold W μ: it gets the smoothing scale only (μ = 0),
+so the quantized spec keeps the float spec's architecture and state-dict keys.
 """
 from __future__ import annotations
 
@@ -59,18 +61,14 @@ def fold_sqb(model: nn.Module, data: torch.Tensor, alpha: float = 0.5) -> list[t
         model.train(was_training)
     for norm, lin in pairs:
         y = torch.cat(stats[norm])
-        mu = y.mean(dim=0)
         ln, fc = model.get_submodule(norm), model.get_submodule(lin)
+        mu = y.mean(dim=0) if fc.bias is not None else torch.zeros_like(y[0])
         act = (y - mu).abs().amax(dim=0).clamp_min(1e-5)
         wmax = fc.weight.abs().amax(dim=0).clamp_min(1e-5)
         s = (act.pow(alpha) / wmax.pow(1 - alpha)).clamp_min(1e-5)
-        bias = fc.bias if fc.bias is not None else torch.zeros(fc.out_features)
-        new_bias = bias + fc.weight @ mu  # b' = b + W μ (with the original W)
+        if fc.bias is not None:
+            fc.bias.add_(fc.weight @ mu)  # b' = b + W μ (with the original W)
         fc.weight.mul_(s)  # W' = W diag(s): column c scaled by s_c
-        if fc.bias is None:
-            fc.bias = nn.Parameter(new_bias)
-        else:
-            fc.bias.copy_(new_bias)
         ln.weight.div_(s)
         ln.bias.sub_(mu).div_(s)
     return pairs

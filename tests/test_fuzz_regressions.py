@@ -1,0 +1,124 @@
+"""Inputs a fuzzing pass over the CLI found to crash or to be accepted when meaningless
+(2026-11-27); each must now be a located diagnostic or a one-line error, exit 1, and
+leave nothing on disk."""
+import os
+
+import pytest
+import torch
+
+import vitdsl
+from conftest import TINY
+from vitdsl.cli import main
+from vitdsl.errors import SpecError
+
+BITS = TINY.replace("  norm layernorm", "  bits { default w4a4 }\n  norm layernorm")
+
+
+def _spec(tmp_path, text: str, name: str = "m.vit"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_arithmetic_overflow_is_located(tmp_path, capsys):
+    huge = "1" + "0" * 400
+    for expr, op in ((f"{huge} + 0.5", "+"), (f"{huge} / 3", "/"), ("1e300 * 1e300", "*")):
+        p = _spec(tmp_path, TINY.replace("  input image", f"  let r = {expr}\n  input image"))
+        assert main(["check", str(p)]) == 1
+        err = _error(capsys)
+        assert err.startswith(f"{p}:2:11: error: '{op}' overflows") and "^" in err
+
+
+def test_a_product_with_a_float_is_not_a_selector():
+    """`r*1.5` and `2*1.5` once lexed as a wildcard selector (`*` was a name character)."""
+    g = vitdsl.loads(TINY.replace("  input image", "  let r = 2*1.5\n  input image")
+                     .replace("transformer heads=2", "transformer heads=2 mlp=r*1.5"))
+    assert g.node("blocks.0.mlp").attrs.ratio == pytest.approx(4.5)
+
+
+def test_fmt_keeps_a_product_a_product(tmp_path, capsys):
+    p = _spec(tmp_path, TINY.replace("  input image", "  let r = 1\n  input image")
+              .replace("transformer heads=2", "transformer heads=2 mlp=r * 1.5"))
+    before = vitdsl.load(p)
+    assert main(["fmt", str(p)]) == 0
+    assert vitdsl.load(p) == before
+
+
+def test_bits_selectors_keep_their_wildcards():
+    g = vitdsl.loads(TINY.replace("  norm layernorm", "  bits {\n    default w8a8\n    blocks.*.mlp.fc1 w4a8\n  }\n  norm layernorm"))
+    assert str(g.bits["blocks.1.mlp.fc1"]) == "w4a8" and str(g.bits["blocks.1.attn.qkv"]) == "w8a8"
+
+
+def test_fmt_of_a_too_deep_expression_is_a_diagnostic(tmp_path, capsys):
+    p = _spec(tmp_path, TINY.replace("  input image", "  let r = " + "+".join(["1"] * 3000) + "\n  input image"))
+    text = p.read_text()
+    for argv in (["fmt", "--check", str(p)], ["fmt", str(p)]):
+        assert main(argv) == 1
+        assert _error(capsys).startswith(f"{p}:1:1: error: spec is nested too deeply")
+    assert p.read_text() == text
+
+
+@pytest.mark.parametrize("command", ["build", "train"])
+def test_a_bits_spec_without_calibrated_ranges_is_a_diagnostic(tmp_path, capsys, command):
+    p = _spec(tmp_path, BITS)
+    out = tmp_path / ("out" if command == "build" else "w.safetensors")
+    argv = ["build", str(p), "-o", str(out), "-q"] if command == "build" else \
+        ["train", str(p), "--epochs", "1", "--max-steps", "1", "-o", str(out)]
+    pytest.importorskip("sklearn") if command == "train" else None
+    assert main(argv) == 1
+    err = _error(capsys)
+    line = BITS.splitlines().index("  bits { default w4a4 }") + 1
+    assert err.startswith(f"{p}:{line}:3: error: vitdsl {command}") and "vitdsl quantize" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("op", ["mv2 out=8 kernel=4", "mobilevit dim=16 depth=1 patch=2 kernel=2"])
+def test_even_kernels_where_the_map_size_must_stay_are_diagnostics(op):
+    text = f"model m {{\n  input image 3x8x8\n  stem: conv out=8\n  {op}\n  pool mean\n  head classes=2\n}}\n"
+    with pytest.raises(SpecError) as e:
+        vitdsl.loads(text)
+    assert e.value.line == 4 and e.value.message.startswith("kernel must be odd")
+    assert text.splitlines()[3][e.value.column - 1:].startswith("kernel=")
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    g = vitdsl.loads(TINY)
+    path = tmp_path / "w.safetensors"
+    save_file(vitdsl.compile(g, seed=0).state_dict(), str(path))
+    return _spec(tmp_path, TINY, "tiny.vit"), path
+
+
+@pytest.mark.parametrize("case", ["nan_images", "inf_weights", "nan_budget", "inf_budget"])
+def test_quantize_refuses_non_finite_input(tmp_path, capsys, tiny_weights, case):
+    from safetensors.torch import load_file, save_file
+
+    spec, weights = tiny_weights
+    images = torch.randn(4, 3, 32, 32)
+    if case == "nan_images":
+        images[1, 0, 2, 3] = float("nan")
+    if case == "inf_weights":
+        state = load_file(str(weights))
+        state["head.weight"][0, 0] = float("inf")
+        save_file(state, str(weights))
+    calib = tmp_path / "calib.pt"
+    torch.save(images, calib)
+    width = ["--budget", {"nan_budget": "nan", "inf_budget": "1e400"}[case]] if "budget" in case else ["--bits", "w8a8"]
+    out = tmp_path / "q"
+    assert main(["quantize", str(spec), "--weights", str(weights), "--calib", str(calib), *width,
+                 "--method", "minmax", "-o", str(out), "-q"]) == 1
+    err = _error(capsys).strip()
+    want = {"nan_images": "vitdsl: error: calibration images hold NaN or infinite values (1 of",
+            "inf_weights": f"{weights}:1:1: error: weights hold NaN or infinite values: head.weight",
+            "nan_budget": "vitdsl: error: the budget must be a finite average width, got nan",
+            "inf_budget": "vitdsl: error: the budget must be a finite average width, got inf"}[case]
+    assert err.startswith(want) and err.count("\n") == 0
+    assert not out.exists() and not any(n.startswith(".q") for n in os.listdir(tmp_path))
