@@ -122,3 +122,15 @@ def test_quantize_refuses_non_finite_input(tmp_path, capsys, tiny_weights, case)
             "inf_budget": "vitdsl: error: the budget must be a finite average width, got inf"}[case]
     assert err.startswith(want) and err.count("\n") == 0
     assert not out.exists() and not any(n.startswith(".q") for n in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("qkv_bias qkv_bias", "'qkv_bias' given twice"),
+    ("qkv_bias foo(1)", "unknown attribute 'foo' for transformer"),
+])
+def test_repeated_flags_and_unknown_calls_are_named(extra, message):
+    text = TINY.replace("transformer heads=2 qkv_bias", f"transformer heads=2 {extra}")
+    with pytest.raises(SpecError) as e:
+        vitdsl.loads(text)
+    assert e.value.message == message and e.value.line == 6
+    assert text.splitlines()[5][e.value.column - 1:].startswith(extra.split()[1])

@@ -240,7 +240,9 @@ def _resolve_op(s: A.OpStmt, env: dict[str, Any], stage: str | None) -> Stmt:
             elif pos:
                 key = pos.pop(0)
             else:
-                word = v if isinstance(v, str) else None
+                word = v if isinstance(v, str) else v.name if isinstance(v, CallValue) else None
+                if word in values:
+                    raise SpecError(f"'{word}' given twice", a.span)
                 hint = did_you_mean(word, set(op.Attrs.model_fields)) if word else ""
                 what = f"attribute '{word}'" if word else f"value {a.value.model_dump().get('value', '')!r}"
                 raise SpecError(f"unknown {what} for {op.kind}{hint}", a.span)
