@@ -21,11 +21,11 @@ error is measured against the float model's output (the float input through the 
 weights: the block-wise reconstruction target of BRECQ, Li et al. 2021, §3.2, without
 its rounding optimisation); the attention operands' against the attention output of the
 operands as captured (a float reference there was worse on the digits models at 3 and
-4 bits).  A layer's ranges then
-fit the inputs it will see, and a range can partly make up for the error upstream: at
-3 bits, where upstream error is largest, this lowered the digits models' logit KL by
-15-20% (docs/quantization.md).  The mixed-precision search's trial calibrations use the
-float inputs (one forward per trial is its cost already).
+4 bits).  A layer's ranges then fit the inputs it will see, and a range can partly
+make up for the error upstream: at 3 bits, where upstream error is largest, this
+lowered the digits models' logit KL by 15-20% (docs/quantization.md).  The
+mixed-precision search's trial calibrations use the float inputs (one forward per
+trial is its cost already).
 
 Ranges start from the minimum and maximum over every calibration image; the searches
 run on a sample (seeded random tokens, evenly spaced images).  The search is
@@ -181,7 +181,7 @@ class LayerCalibrator:
                     for fq in self.attn[n].quantizers():
                         fq.observer = None
         if not self.order:
-            self.order = [n for n in dict.fromkeys(seen)] + [n for n in self.layers if n not in seen]
+            self.order = list(dict.fromkeys(seen)) + [n for n in self.layers if n not in seen]
 
     def _blocks(self) -> dict[str, str]:
         """Layer -> the graph node it belongs to (the longest node name that prefixes it:
