@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from vitdsl.errors import SpecError
 from vitdsl.graph import Graph
 from vitdsl.ops.base import REGISTRY
 from vitdsl.ops.inplace import donated_input, held_only_by_caller, inference_reuse_allowed, unhooked
@@ -162,6 +163,8 @@ def compile_torch(graph: Graph, seed: int | None = 0, **options) -> VitModel:
         raise TypeError(f"unknown option(s) for the torch backend: {', '.join(sorted(options))}")
     if seed is None:
         return VitModel(graph)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:  # torch's seed range
+        raise SpecError(f"seed must be an integer in [0, 2^63), got {seed!r}", filename="--seed")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return VitModel(graph)

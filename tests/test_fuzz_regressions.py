@@ -134,3 +134,21 @@ def test_repeated_flags_and_unknown_calls_are_named(extra, message):
         vitdsl.loads(text)
     assert e.value.message == message and e.value.line == 6
     assert text.splitlines()[5][e.value.column - 1:].startswith(extra.split()[1])
+
+
+def test_an_absurdly_long_integer_is_located(tmp_path, capsys):
+    p = _spec(tmp_path, TINY.replace("eps=1e-6", "eps=" + "9" * 5000))
+    for argv in (["check", str(p)], ["fmt", "--check", str(p)]):
+        assert main(argv) == 1
+        err = _error(capsys)
+        assert err.startswith(f"{p}:8:22: error: integer literal of 5,000 digits is too long") and "^" in err
+
+
+@pytest.mark.parametrize("command", ["build", "train"])
+def test_a_seed_torch_cannot_take_is_an_error(tmp_path, capsys, command):
+    p = _spec(tmp_path, TINY)
+    out = tmp_path / ("out" if command == "build" else "w.safetensors")
+    argv = [command, str(p), "--seed", str(2**64), "-o", str(out)] + (["--epochs", "1"] if command == "train" else [])
+    assert main(argv) == 1
+    assert _error(capsys).strip() == f"vitdsl: error: seed must be an integer in [0, 2^63), got {2**64}"
+    assert not out.exists()

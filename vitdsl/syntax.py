@@ -90,6 +90,8 @@ class _ToAst(Transformer):
 
     # expressions -----------------------------------------------------------
     def int(self, meta, c):
+        if len(c[0]) > 1000:  # far past any size; Python refuses int() of over 4,300 digits anyway
+            raise SpecError(f"integer literal of {len(c[0]):,} digits is too long", _span(meta))
         return A.Num.model_construct(value=int(c[0]), text=str(c[0]), span=_span(meta))
 
     def float(self, meta, c):
@@ -218,8 +220,10 @@ def parse(source: "str | bytes", filename: str = "<string>") -> A.SpecFile:
     SOURCES[filename] = text
     try:
         items = _ToAst().transform(tree)
-    except VisitError as e:  # pragma: no cover - a transformer bug, not user error
-        raise e.orig_exc
+    except VisitError as e:
+        if isinstance(e.orig_exc, SpecError):  # a value the grammar accepts but no number can hold
+            raise e.orig_exc.located(filename, text) from None
+        raise e.orig_exc  # pragma: no cover - a transformer bug, not user error
     finally:
         _FILE[0] = None
     # Comments are ignored by the grammar; collect them separately so `fmt` keeps them.
