@@ -152,3 +152,14 @@ def test_a_seed_torch_cannot_take_is_an_error(tmp_path, capsys, command):
     assert main(argv) == 1
     assert _error(capsys).strip() == f"vitdsl: error: seed must be an integer in [0, 2^63), got {2**64}"
     assert not out.exists()
+
+
+def test_quantize_checks_its_output_before_calibrating(tmp_path, capsys, tiny_weights):
+    spec, weights = tiny_weights
+    (tmp_path / "afile").write_text("")
+    calib = tmp_path / "calib.pt"
+    torch.save(torch.randn(2, 3, 32, 32), calib)
+    out = tmp_path / "afile" / "x"
+    assert main(["quantize", str(spec), "--weights", str(weights), "--calib", str(calib), "--bits", "w8a8",
+                 "-o", str(out), "-q"]) == 1
+    assert f"{tmp_path / 'afile'} is not a directory" in _error(capsys)

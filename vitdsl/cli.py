@@ -216,10 +216,12 @@ def cmd_quantize(args) -> int:
     """Calibrate a float model and write a quantized spec, weights and a report."""
     from safetensors.torch import load_file
 
+    from .build import check_writable
     from .quant.quantize import load_images, quantize, write_outputs
     from .table import render
 
     g = _load(args)
+    check_writable(args.output)  # before the calibration, not after it
     try:
         state = load_file(args.weights)
     except Exception as e:  # noqa: BLE001 - unreadable weights are a user error
