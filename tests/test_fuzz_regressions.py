@@ -163,3 +163,18 @@ def test_quantize_checks_its_output_before_calibrating(tmp_path, capsys, tiny_we
     assert main(["quantize", str(spec), "--weights", str(weights), "--calib", str(calib), "--bits", "w8a8",
                  "-o", str(out), "-q"]) == 1
     assert f"{tmp_path / 'afile'} is not a directory" in _error(capsys)
+
+
+@pytest.mark.parametrize("encode", [
+    pytest.param(lambda t: ("\ufeff" + t).encode(), id="bom"),
+    pytest.param(lambda t: t.replace("\n", "\r").encode(), id="cr-only"),
+    pytest.param(lambda t: t.replace("\n", "\r\n").encode(), id="crlf"),
+])
+def test_byte_order_marks_and_old_line_ends_read_as_plain_text(tmp_path, encode):
+    p = tmp_path / "m.vit"
+    p.write_bytes(encode(TINY))
+    assert vitdsl.load(p) == vitdsl.loads(TINY)
+    p.write_bytes(encode(TINY.replace("heads=2", "heads=3")))  # diagnostics still point at the right spot
+    with pytest.raises(SpecError) as e:
+        vitdsl.load(p)
+    assert (e.value.line, e.value.column) == (6, 17) and "not divisible by heads 3" in e.value.message

@@ -196,6 +196,10 @@ def _check_source(source: "str | bytes", filename: str) -> str:
             source = source.decode("utf-8")
         except UnicodeDecodeError as e:
             raise SpecError(f"file is not UTF-8 text (byte 0x{source[e.start]:02x} at offset {e.start}); is it a binary file?", filename=filename) from None
+    if source.startswith("\ufeff"):  # a UTF-8 byte-order mark (some Windows editors write one) is not text
+        source = source[1:]
+    if "\r" in source:  # CRLF and old Mac CR line ends read as LF: lines and columns as an editor shows them
+        source = source.replace("\r\n", "\n").replace("\r", "\n")
     if len(source) > MAX_SOURCE_BYTES:
         raise SpecError(f"spec is {len(source):,} characters, over the {MAX_SOURCE_BYTES:,} limit for a spec", filename=filename)
     nul = source.find("\x00")
