@@ -157,14 +157,19 @@ def _place(root: nn.Module, name: str, module: nn.Module) -> None:
     parent.add_module(leaf, module)
 
 
+def check_seed(seed) -> None:
+    """torch's generators take seeds in [0, 2^63); anything else is a user error, not an overflow."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise SpecError(f"seed must be an integer in [0, 2^63), got {seed!r}", filename="--seed")
+
+
 def compile_torch(graph: Graph, seed: int | None = 0, **options) -> VitModel:
     """Build the module; with a seed, initialisation is the same on every call."""
     if options:
         raise TypeError(f"unknown option(s) for the torch backend: {', '.join(sorted(options))}")
     if seed is None:
         return VitModel(graph)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:  # torch's seed range
-        raise SpecError(f"seed must be an integer in [0, 2^63), got {seed!r}", filename="--seed")
+    check_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return VitModel(graph)

@@ -239,10 +239,10 @@ def run_model(name: str, rows: list[str], n_calib: int, out_dir: str, retrain: b
 
 
 # ------------------------------------------------------------------ targets
-def _why(row: dict, a: str, b: str) -> str:
-    """An accuracy miss's paired evidence, when the cells hold per-image results."""
-    if all("right" in d for m in (a, b) for d in row[m].get("draws", [{}])):
-        return f" ({paired_note(row[a], row[b], a, b)})"
+def _why(a: dict, b: dict, name_a: str, name_b: str) -> str:
+    """An accuracy miss's paired evidence, when both cells hold per-image results."""
+    if all("right" in d for cell in (a, b) for d in cell.get("draws", [{}])):
+        return f" ({paired_note(a, b, name_a, name_b)})"
     return ""
 
 
@@ -269,7 +269,7 @@ def check(name: str, res: dict) -> list[dict]:
         a, b = rows[r]["mptq"]["acc"], rows[r]["minmax"]["acc"]
         seen.append(r)
         if a < b - ACC_SLACK - 1e-9:
-            fails.append(f"{r}: mptq {a:.2f}% < minmax {b:.2f}% - {ACC_SLACK}{_why(rows[r], 'mptq', 'minmax')}")
+            fails.append(f"{r}: mptq {a:.2f}% < minmax {b:.2f}% - {ACC_SLACK}{_why(rows[r]['mptq'], rows[r]['minmax'], 'mptq', 'minmax')}")
     add(f"mptq accuracy >= minmax - {ACC_SLACK} points at every setting", fails, seen)
 
     fails, seen = [], []
@@ -278,7 +278,7 @@ def check(name: str, res: dict) -> list[dict]:
             a, b = rows[r]["mptq"]["acc"], rows[r]["minmax"]["acc"]
             seen.append(r)
             if not a > b:
-                fails.append(f"{r}: mptq {a:.2f}% <= minmax {b:.2f}%{_why(rows[r], 'mptq', 'minmax')}")
+                fails.append(f"{r}: mptq {a:.2f}% <= minmax {b:.2f}%{_why(rows[r]['mptq'], rows[r]['minmax'], 'mptq', 'minmax')}")
     add("mptq accuracy > minmax at the two lowest uniform settings (W4A4, W3A3)", fails, seen)
 
     if "MP 5" in rows:
@@ -296,9 +296,8 @@ def check(name: str, res: dict) -> list[dict]:
                 mp, u = rows["MP 5"][meth], rows["W5A5"][meth]
                 seen.append(meth)
                 if not (mp["acc"] >= u["acc"] - 1e-9 and mp["kl"] < u["kl"]):
-                    why = f" ({paired_note(mp, u, 'MP 5', 'W5A5')})" if "draws" in mp and "draws" in u else ""
                     fails.append(f"{meth}: MP 5 {mp['acc']:.2f}% / KL {mp['kl']:.4g} vs W5A5 {u['acc']:.2f}% / "
-                                 f"KL {u['kl']:.4g}{why}")
+                                 f"KL {u['kl']:.4g}{_why(mp, u, 'MP 5', 'W5A5')}")
             add("MP 5 beats uniform W5A5 of the same method (accuracy >= and KL <)", fails, seen)
     return out
 

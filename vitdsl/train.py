@@ -462,8 +462,9 @@ def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size
                         ("augment", augment, 0), ("max_steps", max_steps, 1)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < lo):
             raise SpecError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if seed >= 2**63:  # torch's seed range
-        raise SpecError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    from .backends.torch import check_seed
+
+    check_seed(seed)  # before the data split and shuffles seed their generators with it
     for name, v in (("weight_decay", weight_decay), ("warmup_epochs", warmup_epochs)):
         if not (v >= 0 and math.isfinite(v)):
             raise SpecError(f"{name} must be a number >= 0, got {v!r}")

@@ -137,7 +137,6 @@ def _mptq(model: nn.Module, data: torch.Tensor, layers, progress) -> nn.Module:
     if graph is not None and tuple(data.shape[1:]) != tuple(graph.input.out.shape):
         raise ValueError(f"calibration images are {'x'.join(map(str, data.shape[1:]))}, the model's input is {graph.input.out}")
     if graph is not None:
-        with float_run(model):
-            fold_sqb(model, data)  # SQ-b first: it changes the weights the ranges are chosen for
+        fold_sqb(model, data)  # SQ-b first: it changes the weights the ranges are chosen for
     LayerCalibrator(model, data, sequential=True).calibrate_all(progress=(lambda i, n: progress(i)) if progress else None)
     return model.eval()

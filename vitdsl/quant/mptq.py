@@ -204,9 +204,9 @@ class LayerCalibrator:
         group = [n for n in self.order if self.block[n] == self.block[name]]
         if name != group[0]:
             return
-        i = self.order.index(group[-1])
-        if self.order.index(group[0]) == 0:
+        if group[0] == self.order[0]:  # nothing upstream: the float capture is this node's input
             return
+        i = self.order.index(group[-1])
         on = [q for n in self.done if n not in group for q in self.quantizers(n)]
         with float_run(self.model):
             for q in on:

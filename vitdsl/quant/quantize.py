@@ -99,11 +99,9 @@ def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | Non
         m8 = compile(g8)
         m8.load_state_dict(state, strict=False)
         if method == "mptq":  # SQ-b first, as calibrate(method="mptq") does; the search sets every range
-            from .calibrate import float_run
             from .sqb import fold_sqb
 
-            with float_run(m8):
-                fold_sqb(m8, images)
+            fold_sqb(m8, images)
         chosen = greedy_mixed_precision(m8, images, ref, budget, {q.name: (q.weights, q.act_elems) for q in layers},
                                         tuple(candidates), progress=progress, method=method)
         rules = [("default", f"w{top}a{top}")] + [(n, f"w{w}a{a}") for n, (w, a) in chosen.items() if (w, a) != (top, top)]

@@ -42,7 +42,10 @@ def sqb_pairs(graph: Graph) -> list[tuple[str, str]]:
 @torch.no_grad()
 def fold_sqb(model: nn.Module, data: torch.Tensor, alpha: float = 0.5) -> list[tuple[str, str]]:
     """Fold SQ-b into every eligible LayerNorm + linear pair of a compiled vitdsl model,
-    in place.  `data`: calibration images.  Returns the pairs folded."""
+    in place.  `data`: calibration images, run through the float model (any fake
+    quantizers bypassed).  Returns the pairs folded."""
+    from .calibrate import float_run
+
     graph: Graph = model.graph
     pairs = sqb_pairs(graph)
     stats: dict[str, list[torch.Tensor]] = {}
@@ -54,7 +57,8 @@ def fold_sqb(model: nn.Module, data: torch.Tensor, alpha: float = 0.5) -> list[t
     was_training = model.training
     model.eval()
     try:
-        model(data)
+        with float_run(model):
+            model(data)
     finally:
         for h in hooks:
             h.remove()
