@@ -104,9 +104,81 @@ def test_the_trained_fraction_travels_with_the_weights(small, tmp_path):
     assert main([str(small), "--epochs", "1", "--max-steps", "2", "--test-fraction", "0.5", "-q", "-o", str(out)]) == 0
     m = json.loads(out.with_suffix(".json").read_text())
     assert m["test_fraction"] == 0.5 and m["test_size"] == 898 and m["data_info"]["split"].startswith("stratified 50%/50%")
-    from vitdsl.cli import _trained_fraction
+    from vitdsl.cli import _trained_split
 
-    assert _trained_fraction(str(out)) == 0.5
+    assert _trained_split(str(out)) == (0.5, 0)
+
+
+def _raw_keys(d, x):
+    """Keys of images by their raw digits pixels (0..16), whatever a split's normalisation."""
+    raw = x * torch.tensor(d.std).view(1, -1, 1, 1) + torch.tensor(d.mean).view(1, -1, 1, 1)
+    return [bytes(v.numpy().tobytes()) for v in torch.round(raw * 16).to(torch.int8).reshape(len(x), -1)]
+
+
+def test_folds_hold_out_every_image_exactly_once_and_fold_0_is_the_fixed_split():
+    from collections import Counter
+
+    from sklearn.datasets import load_digits as sk_digits
+
+    every = Counter(bytes(v.tobytes()) for v in sk_digits().images.astype("int8").reshape(1797, -1))
+    held = Counter()
+    for k in range(5):
+        d = load_digits((1, 8, 8), 0.2, k)
+        assert len(d.y_train) + len(d.y_test) == 1797 and 355 <= len(d.y_test) <= 362
+        per_class = torch.bincount(d.y_train) + torch.bincount(d.y_test)
+        assert ((torch.bincount(d.y_test) - per_class / 5).abs() < 1).all()  # stratified in every fold
+        held.update(_raw_keys(d, d.x_test))
+        assert not set(_raw_keys(d, d.x_test)) - set(every)
+        if k:
+            assert d.info["split"].endswith(f"fold {k} of 5") and d.info["fold"] == k
+    assert held == every  # the five held-out blocks are a partition of the data set (duplicates included)
+    fixed, fold0 = load_digits((1, 8, 8)), load_digits((1, 8, 8), 0.2, 0)
+    assert torch.equal(fixed.x_test, fold0.x_test) and torch.equal(fixed.y_train, fold0.y_train)
+
+
+def test_calibration_images_of_a_fold_are_its_training_images():
+    from vitdsl.train import calibration_images
+
+    d = load_digits((1, 8, 8), 0.2, 3)
+    cal = calibration_images(64, (1, 8, 8), 0.2, 3)
+    assert cal.shape == (64, 1, 8, 8)
+    train_keys = _raw_keys(d, d.x_train)
+    assert _raw_keys(d, cal) == train_keys[:64]  # the first 64, normalised as the fold's model
+    # no calibration image is one of the fold's held-out images (digits has duplicates: by index)
+    test_keys = set(_raw_keys(d, d.x_test))
+    assert sum(k in test_keys for k in _raw_keys(d, cal)) <= 1
+
+
+@pytest.mark.parametrize("fraction,fold", [(0.2, 5), (0.2, -1), (0.3, 3), (0.5, 2), (0.2, 1.0), (0.2, True)])
+def test_a_fold_outside_the_fractions_blocks_is_refused(small, fraction, fold):
+    with pytest.raises(vitdsl.SpecError, match=r"fold must be an integer in \[0, "):
+        train(small, epochs=1, max_steps=1, progress=False, test_fraction=fraction, fold=fold)
+
+
+def test_the_fold_travels_with_the_weights_to_quantize(small, tmp_path):
+    out = tmp_path / "f2.safetensors"
+    assert main([str(small), "--epochs", "1", "--max-steps", "2", "--fold", "2", "-q", "-o", str(out)]) == 0
+    m = json.loads(out.with_suffix(".json").read_text())
+    assert m["fold"] == 2 and m["data_info"]["split"] == "stratified 80%/20%, seed 0, fold 2 of 5"
+    d = load_digits((1, 16, 16), 0.2, 2)
+    assert m["test_size"] == len(d.y_test)
+    from vitdsl.cli import _trained_split
+    from vitdsl.quant.quantize import load_images
+
+    assert _trained_split(str(out)) == (0.2, 2)
+    cal = load_images("digits:8", (1, 16, 16), *_trained_split(str(out)))
+    assert torch.equal(cal, d.x_train[:8])
+
+
+def test_a_fold_of_a_folder_with_its_own_split_is_refused(small, tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(10):
+            os.makedirs(tmp_path / "data" / split / str(c))
+            Image.new("L", (8, 8), 30 * c % 255).save(tmp_path / "data" / split / str(c) / "a.png")
+    with pytest.raises(vitdsl.SpecError, match="has its own train/test split"):
+        train(small, data=str(tmp_path / "data"), epochs=1, max_steps=1, progress=False, fold=1)
 
 
 def test_short_run_learns_and_weights_load_strictly(small, tmp_path):

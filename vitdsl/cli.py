@@ -199,17 +199,19 @@ def cmd_import(args) -> int:
     return 0
 
 
-def _trained_fraction(weights: str) -> float | None:
-    """The held-out fraction `vitdsl train` recorded in the weights' metadata (None if absent):
-    digits calibration images are then normalised as that model's inputs were."""
+def _trained_split(weights: str) -> tuple[float | None, int]:
+    """The held-out fraction and fold `vitdsl train` recorded in the weights' metadata
+    (None and 0 if absent): digits calibration images are then drawn from that model's
+    training split and normalised as its inputs were."""
     from safetensors import safe_open
 
     try:
         with safe_open(weights, "pt") as f:
-            value = (f.metadata() or {}).get("test_fraction")
-        return float(value) if value is not None else None
+            meta = f.metadata() or {}
+        value, fold = meta.get("test_fraction"), meta.get("fold", "0")
+        return (float(value) if value is not None else None), (int(fold) if fold.isdigit() else 0)
     except Exception:  # noqa: BLE001 - unreadable weights are reported when they are loaded
-        return None
+        return None, 0
 
 
 def cmd_quantize(args) -> int:
@@ -226,7 +228,7 @@ def cmd_quantize(args) -> int:
         state = load_file(args.weights)
     except Exception as e:  # noqa: BLE001 - unreadable weights are a user error
         raise SpecError(f"cannot read weights: {e}", filename=args.weights) from None
-    images = load_images(args.calib, g.input.out.shape, _trained_fraction(args.weights))
+    images = load_images(args.calib, g.input.out.shape, *_trained_split(args.weights))
     show = not args.quiet and sys.stderr.isatty()
 
     def progress(msg: str) -> None:

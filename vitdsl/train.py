@@ -20,6 +20,11 @@ Data
   allowed fraction (what ``vitdsl quantize --calib digits:N`` draws from).  Inputs are
   normalised with the training split's per-channel mean and standard deviation
   (recorded in the outputs).
+  Cross-validation: ``fold`` k holds out the k-th block of round(n_c * test_fraction)
+  images of the same fixed order instead of the first (fold 0 is the split above), so
+  the floor(1 / test_fraction) folds hold out disjoint images, and with a fraction of
+  1/K every image exactly once: K models scored on all the data, for comparisons finer
+  than one held-out split resolves.
 
 Training
   AdamW, a linear warm-up then a cosine schedule (per step), optional label smoothing,
@@ -94,24 +99,40 @@ class Data:
         return b
 
 
-def _stratified_split(labels, test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED):
+def _stratified_split(labels, test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED, fold: int = 0):
     """Hold out round(n_c * test_fraction) images of every class c; a fixed permutation.
 
     The permutation of each class depends on `seed` only, so the test split of a larger
-    fraction contains that of a smaller one."""
+    fraction contains that of a smaller one (fold 0).  Fold k holds out positions
+    [round(n_c f k), round(n_c f (k+1))) of that permutation: adjacent folds share their
+    boundary, so the folds are disjoint and, when k f reaches 1, cover every image."""
     import numpy as np
 
-    _check_fraction(test_fraction)
+    _check_split(test_fraction, fold)
     labels = np.asarray(labels)
     rng = np.random.RandomState(seed)
     train, test = [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
-        k = int(round(len(idx) * test_fraction))
-        test.extend(idx[:k].tolist())
-        train.extend(idx[k:].tolist())
+        lo, hi = int(round(len(idx) * test_fraction * fold)), int(round(len(idx) * test_fraction * (fold + 1)))
+        test.extend(idx[lo:hi].tolist())
+        train.extend(idx[:lo].tolist() + idx[hi:].tolist())
     return sorted(train), sorted(test)
+
+
+def n_folds(test_fraction: float) -> int:
+    """How many disjoint held-out blocks of this share fit in the data: floor(1 / f)."""
+    return int(1.0 / test_fraction + 1e-9)
+
+
+def _check_split(test_fraction, fold) -> tuple[float, int]:
+    """(fraction, fold) checked: the fold must be one of the fraction's n_folds."""
+    f = _check_fraction(test_fraction)
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < n_folds(f):
+        raise SpecError(f"fold must be an integer in [0, {n_folds(f) - 1}] for test_fraction {f:g} "
+                        f"({n_folds(f)} disjoint held-out blocks), got {fold!r}")
+    return f, fold
 
 
 def _check_fraction(test_fraction) -> float:
@@ -123,8 +144,9 @@ def _check_fraction(test_fraction) -> float:
     return float(test_fraction)
 
 
-def _split_label(test_fraction: float) -> str:
-    return f"stratified {1 - test_fraction:.0%}/{test_fraction:.0%}, seed {SPLIT_SEED}"
+def _split_label(test_fraction: float, fold: int = 0) -> str:
+    label = f"stratified {1 - test_fraction:.0%}/{test_fraction:.0%}, seed {SPLIT_SEED}"
+    return label + (f", fold {fold} of {n_folds(test_fraction)}" if fold else "")
 
 
 def _normalise(x_train, x_test):
@@ -135,9 +157,9 @@ def _normalise(x_train, x_test):
     return (x_train - m) / s, (x_test - m) / s, mean.tolist(), std.tolist()
 
 
-def load_digits(shape: tuple[int, int, int], test_fraction: float = TEST_FRACTION) -> Data:
+def load_digits(shape: tuple[int, int, int], test_fraction: float = TEST_FRACTION, fold: int = 0) -> Data:
     """scikit-learn's digits, upsampled to HxW, split 80/20 (stratified, fixed; `test_fraction`
-    holds out more)."""
+    holds out more, `fold` another block)."""
     import torch
     import torch.nn.functional as F
 
@@ -152,27 +174,29 @@ def load_digits(shape: tuple[int, int, int], test_fraction: float = TEST_FRACTIO
     if (h, w) != (8, 8):
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
     y = torch.tensor(d.target, dtype=torch.int64)
-    train, test = _stratified_split(y.numpy(), test_fraction)
+    train, test = _stratified_split(y.numpy(), test_fraction, fold=fold)
     xtr, xte, mean, std = _normalise(x[train], x[test])
     return Data("digits", [str(i) for i in range(10)], xtr, y[train], xte, y[test], mean, std, c,
-                info={"source": "sklearn.datasets.load_digits", "split": _split_label(test_fraction),
-                      "test_fraction": test_fraction, "original_size": "1x8x8"})
+                info={"source": "sklearn.datasets.load_digits", "split": _split_label(test_fraction, fold),
+                      "test_fraction": test_fraction, "fold": fold, "original_size": "1x8x8"})
 
 
-def calibration_images(n: int, shape: tuple[int, int, int], test_fraction: float = TEST_FRACTION):
+def calibration_images(n: int, shape: tuple[int, int, int], test_fraction: float = TEST_FRACTION, fold: int = 0):
     """The first n digits training images at the model's input shape, normalised as for a
-    model trained with `test_fraction`: what `vitdsl quantize --calib digits:N` calibrates on.
+    model trained with `test_fraction` and `fold`: what `vitdsl quantize --calib digits:N`
+    calibrates on.
 
-    Only images that are training data at MAX_TEST_FRACTION qualify; the splits being
-    nested, they are training data at every fraction, so no held-out image of any model
-    is ever calibrated on."""
+    Fold 0: only images that are training data at MAX_TEST_FRACTION qualify; the splits
+    being nested, they are training data at every fraction, so the same images serve
+    every fold-0 model and none of them is ever held out.  Other folds: the fold's own
+    training images (never its held-out ones)."""
     import numpy as np
     from sklearn.datasets import load_digits as _sk_digits
 
-    data = load_digits(tuple(shape), test_fraction)
+    data = load_digits(tuple(shape), test_fraction, fold)
     labels = np.asarray(_sk_digits().target)
-    train, _ = _stratified_split(labels, test_fraction)
-    pool = set(_stratified_split(labels, MAX_TEST_FRACTION)[0])
+    train, _ = _stratified_split(labels, test_fraction, fold=fold)
+    pool = set(_stratified_split(labels, MAX_TEST_FRACTION)[0]) if fold == 0 else set(train)
     usable = [i for i, k in enumerate(train) if k in pool]
     if not 0 < n <= len(usable):
         raise SpecError(f"digits has {len(usable)} images usable for calibration; asked for {n}")
@@ -205,7 +229,7 @@ _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
 def load_image_folder(root: str, shape: tuple[int, int, int], where: tuple | None = None,
-                      test_fraction: float = TEST_FRACTION) -> Data:
+                      test_fraction: float = TEST_FRACTION, fold: int = 0) -> Data:
     """``root/<class>/*.png`` (or ``root/{train,test}/<class>/...``), resized to HxW."""
     import numpy as np
     import torch
@@ -215,6 +239,9 @@ def load_image_folder(root: str, shape: tuple[int, int, int], where: tuple | Non
     if not os.path.isdir(root):
         raise SpecError("data is neither 'digits' nor an image folder (no such directory)", filename=root)
     splits = _split_dirs(root)
+    if splits and fold:
+        raise SpecError(f"fold {fold}: this image folder has its own train/test split; folds are blocks of "
+                        "the split vitdsl makes for a folder without one", filename=root)
     if splits:
         train_files, test_files = _class_files(splits[0]), _class_files(splits[1])
         unknown = sorted(set(test_files) - set(train_files))
@@ -284,8 +311,8 @@ def load_image_folder(root: str, shape: tuple[int, int, int], where: tuple | Non
         tr, te = list(range(len(train_list))), list(range(len(train_list), n))
         split = f"given: {os.path.basename(splits[0])}/ and {os.path.basename(splits[1])}/"
     else:
-        tr, te = _stratified_split(y.numpy(), test_fraction)
-        split = _split_label(test_fraction)
+        tr, te = _stratified_split(y.numpy(), test_fraction, fold=fold)
+        split = _split_label(test_fraction, fold)
     if not te:
         raise SpecError(f"too few images ({n}) to hold out a test split: add images (or a test/ folder)", filename=root)
     if not tr:
@@ -295,9 +322,9 @@ def load_image_folder(root: str, shape: tuple[int, int, int], where: tuple | Non
                 info={"source": "image folder", "split": split, "mode": mode, "images": n})
 
 
-def load_data(data: str, graph, test_fraction: float = TEST_FRACTION) -> Data:
+def load_data(data: str, graph, test_fraction: float = TEST_FRACTION, fold: int = 0) -> Data:
     """'digits' or an image folder, shaped for `graph`'s input and checked against its head
-    (`test_fraction`: the held-out share where the data has no given test split)."""
+    (`test_fraction`, `fold`: the held-out block where the data has no given test split)."""
     inp = graph.input
     shape = tuple(inp.out.shape)
     if inp.out.kind != "image" or len(shape) != 3:
@@ -307,9 +334,10 @@ def load_data(data: str, graph, test_fraction: float = TEST_FRACTION) -> Data:
         raise _at(graph, out, f"training needs a classifier: the output '{out.name}' is {out.out.kind} "
                               f"{'x'.join(map(str, out.out.shape))}, not a vector of class scores")
     if data == "digits":
-        d = load_digits(shape, test_fraction)
+        d = load_digits(shape, test_fraction, fold)
     else:
-        d = load_image_folder(data, shape, where=(graph.filename, inp.span, graph.source), test_fraction=test_fraction)
+        d = load_image_folder(data, shape, where=(graph.filename, inp.span, graph.source), test_fraction=test_fraction,
+                              fold=fold)
     k = out.out.shape[0]
     if k != len(d.classes):
         raise _at(graph, out, f"'{out.name}' has {k} classes but the data set '{data}' has {len(d.classes)}; "
@@ -439,7 +467,7 @@ def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size
           seed: int = 0, out: str | None = None, progress: bool | None = None, *, weight_decay: float = 0.05,
           label_smoothing: float = 0.1, warmup_epochs: float = 1.0, augment: int | None = None,
           max_steps: int | None = None, checksum_dir: str | None = None, max_params: int | None = None,
-          test_fraction: float = TEST_FRACTION) -> dict:
+          test_fraction: float = TEST_FRACTION, fold: int = 0) -> dict:
     """Train a spec; returns the metrics (also written to OUT.json when `out` is given).
 
     spec_path_or_graph  a .vit path or a vitdsl.Graph
@@ -452,6 +480,7 @@ def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size
     max_steps           stop after this many optimizer steps (smoke tests)
     checksum_dir        every rank writes rank<R>.json with its parameters' sha256 there
     test_fraction       held-out share of every class (fixed split, nested; at most 0.5)
+    fold                which block of that share is held out (cross-validation; 0: the first)
     """
     import torch.distributed as dist
 
@@ -472,7 +501,7 @@ def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size
         raise SpecError(f"lr must be a positive number, got {lr!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise SpecError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    test_fraction = _check_fraction(test_fraction)
+    test_fraction, fold = _check_split(test_fraction, fold)
     if isinstance(spec_path_or_graph, Graph):
         graph = spec_path_or_graph
         spec_name = graph.filename
@@ -492,14 +521,14 @@ def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size
     try:
         return _train(graph, spec_name, data, epochs, batch_size, lr, seed, out, progress, weight_decay,
                       label_smoothing, warmup_epochs, augment, max_steps, checksum_dir, distributed, world, rank,
-                      test_fraction)
+                      test_fraction, fold)
     finally:
         if own_group:
             dist.destroy_process_group()
 
 
 def _train(graph, spec_name, data, epochs, batch_size, lr, seed, out, progress, weight_decay, label_smoothing,
-           warmup_epochs, augment, max_steps, checksum_dir, distributed, world, rank, test_fraction):
+           warmup_epochs, augment, max_steps, checksum_dir, distributed, world, rank, test_fraction, fold):
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -512,7 +541,7 @@ def _train(graph, spec_name, data, epochs, batch_size, lr, seed, out, progress, 
     if batch_size % world:
         raise SpecError(f"batch_size {batch_size} does not split evenly between {world} processes")
     per_rank = batch_size // world
-    d = load_data(data, graph, test_fraction)
+    d = load_data(data, graph, test_fraction, fold)
     n_train = len(d.y_train)
     if n_train < batch_size:
         raise SpecError(f"the train split has {n_train} images, fewer than one batch of {batch_size}; "
@@ -629,7 +658,8 @@ def _train(graph, spec_name, data, epochs, batch_size, lr, seed, out, progress, 
         "epochs": epochs, "steps": step, "batch_size": batch_size, "batch_size_per_rank": per_rank,
         "lr": lr, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
         "warmup_steps": warmup, "schedule": "linear warm-up, cosine to 0 (per step)", "optimizer": "AdamW",
-        "augment_shift_px": augment, "seed": seed, "split_seed": SPLIT_SEED, "test_fraction": test_fraction, "world_size": world,
+        "augment_shift_px": augment, "seed": seed, "split_seed": SPLIT_SEED, "test_fraction": test_fraction, "fold": fold,
+        "world_size": world,
         "replica_sha256": replicas, "replicas_identical": len(set(replicas)) == 1,
         "test_acc": final, "history": history, "seconds": round(elapsed, 3),
         "threads": torch.get_num_threads(),
@@ -641,7 +671,7 @@ def _train(graph, spec_name, data, epochs, batch_size, lr, seed, out, progress, 
             state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
             meta = {"spec_sha256": metrics["spec_sha256"], "model": graph.name, "data": d.name,
                     "test_acc": f"{final:.6f}", "epochs": str(epochs), "seed": str(seed),
-                    "test_fraction": str(test_fraction),
+                    "test_fraction": str(test_fraction), "fold": str(fold),
                     "normalise": json.dumps(metrics["normalise"]), "classes": json.dumps(d.classes)}
             _write_outputs(out, state, meta, metrics)
         if distributed:
@@ -683,6 +713,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=TEST_FRACTION, metavar="F",
                    help="held-out share of every class when the data has no test/ folder: a fixed, nested "
                         f"stratified split (default: %(default)s; at most {MAX_TEST_FRACTION})")
+    p.add_argument("--fold", type=int, default=0, metavar="K",
+                   help="cross-validation: hold out the K-th block of that share instead of the first; the "
+                        "floor(1/F) folds hold out disjoint images (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps (smoke tests)")
     p.add_argument("--replica-checksums", metavar="DIR",
                    help="every process writes DIR/rank<R>.json with the sha256 of its parameters "
@@ -712,7 +745,7 @@ def cmd_train(args) -> int:
               out=args.output, progress=False if args.quiet else (True if args.progress else None),
               weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, warmup_epochs=args.warmup,
               augment=args.augment, max_steps=args.max_steps, checksum_dir=args.replica_checksums,
-              max_params=args.max_params, test_fraction=args.test_fraction)
+              max_params=args.max_params, test_fraction=args.test_fraction, fold=args.fold)
     if m["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(f"{m['model']}: held-out accuracy {m['test_acc']:.2%} on {m['test_size']} images of {m['data']} "
               f"after {m['epochs']} epoch{'s' if m['epochs'] != 1 else ''} ({m['steps']} steps, {m['seconds']:.1f}s, {m['world_size']} process"

@@ -16,11 +16,12 @@ from ..graph import Graph, Stmt
 REPORT_FIELDS = ("layer", "bits", "output_mse")
 
 
-def load_images(path: str, shape: tuple[int, int, int] | None = None, test_fraction: float | None = None) -> torch.Tensor:
+def load_images(path: str, shape: tuple[int, int, int] | None = None, test_fraction: float | None = None,
+                fold: int = 0) -> torch.Tensor:
     """Calibration images from a .safetensors (first tensor, or 'images') or .pt tensor file
     (N, C, H, W); `digits` or `digits:N` uses scikit-learn's digits (training images only,
     upsampled to `shape`, the model's input, normalised as for a model trained with
-    `test_fraction`, default vitdsl.train's) via vitdsl.train."""
+    `test_fraction`, default vitdsl.train's, and `fold`) via vitdsl.train."""
     if path == "digits" or path.startswith("digits:"):
         from ..train import calibration_images
 
@@ -29,7 +30,9 @@ def load_images(path: str, shape: tuple[int, int, int] | None = None, test_fract
             raise SpecError(f"expected digits or digits:N with N a number of images, got '{path}'")
         if shape is None:
             raise SpecError("digits calibration needs the model's input shape")
-        return calibration_images(int(count), shape, *([test_fraction] if test_fraction is not None else []))
+        from ..train import TEST_FRACTION
+
+        return calibration_images(int(count), shape, TEST_FRACTION if test_fraction is None else test_fraction, fold)
     if not os.path.exists(path):
         raise SpecError("calibration data not found", filename=path)
     try:
