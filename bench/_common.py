@@ -193,12 +193,15 @@ def write_doc(text: str, doc: Path = DOC) -> None:
     write_text(str(doc), text)
 
 
-def section(title: str, summary: Sequence[str], load0: str, load1: str) -> list[str]:
+def section(title: str, summary: Sequence[str], load0: str, load1: str, date: str | None = None,
+            command: str | None = None) -> list[str]:
     """The lines every section starts with: title, date, command, machine, verdicts,
-    and a warning when the machine was busy."""
+    and a warning when the machine was busy (`date`, `command`: of figures measured
+    earlier, default now and this process's command)."""
     warning = load_warning(load0, load1)
-    return [f"## {title}", "", f"Date: {now()}", "", "Command (from the repository root):", "", "```",
-            command_line(), "```", "", *machine_lines(), "", *summary, "", *([warning, ""] if warning else [])]
+    return [f"## {title}", "", f"Date: {date or now()}", "", "Command (from the repository root):", "", "```",
+            command or command_line(), "```", "", *machine_lines(), "", *summary, "",
+            *([warning, ""] if warning else [])]
 
 
 def fmt_ms(seconds: float, digits: int = 2) -> str:
