@@ -178,3 +178,27 @@ def test_byte_order_marks_and_old_line_ends_read_as_plain_text(tmp_path, encode)
     with pytest.raises(SpecError) as e:
         vitdsl.load(p)
     assert (e.value.line, e.value.column) == (6, 17) and "not divisible by heads 3" in e.value.message
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where nothing can be created")
+@pytest.mark.parametrize("command", ["build", "quantize"])
+def test_an_unwritable_output_is_named_as_given(tmp_path, capsys, tiny_weights, command):
+    """The error named the staging directory (/proc/.out.XXXX.partial), which never exists."""
+    spec, weights = tiny_weights
+    out = "/proc/vitdsl-no-such-output"
+    argv = ["build", str(spec), "-o", out, "-q"] if command == "build" else \
+        ["quantize", str(spec), "--weights", str(weights), "--calib", "digits:2", "--bits", "w8a8", "-o", out, "-q"]
+    assert main(argv) == 1
+    err = _error(capsys)
+    assert err.startswith(f"{out}") and ": error: " in err and ".partial" not in err
+
+
+def test_a_failure_inside_the_staging_directory_names_the_output(tmp_path):
+    from vitdsl.atomic import staged_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError) as e:
+        with staged_dir(str(out)) as tmp:
+            open(os.path.join(tmp, "missing", "model.safetensors"), "wb")
+    assert e.value.filename == os.path.join(str(out), "missing", "model.safetensors")
+    assert os.listdir(tmp_path) == []
