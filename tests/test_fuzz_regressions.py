@@ -202,3 +202,22 @@ def test_a_failure_inside_the_staging_directory_names_the_output(tmp_path):
             open(os.path.join(tmp, "missing", "model.safetensors"), "wb")
     assert e.value.filename == os.path.join(str(out), "missing", "model.safetensors")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("content, want", [
+    pytest.param(None, "calibration data is empty; expected images (N, C, H, W)", id="dev-null"),
+    pytest.param(b"", "calibration data is empty; expected images (N, C, H, W)", id="empty"),
+    pytest.param(b"1 2 3\n", "cannot read calibration data: not a tensor file; expected images (N, C, H, W)", id="text"),
+])
+def test_an_unreadable_calibration_file_says_why(tmp_path, capsys, tiny_weights, content, want):
+    """An empty file gave 'cannot read calibration data: ' (torch.load's message is empty)."""
+    spec, weights = tiny_weights
+    calib = "/dev/null" if content is None else str(tmp_path / "calib.pt")
+    if content is not None:
+        (tmp_path / "calib.pt").write_bytes(content)
+    out = tmp_path / "q"
+    assert main(["quantize", str(spec), "--weights", str(weights), "--calib", calib, "--bits", "w8a8",
+                 "-o", str(out), "-q"]) == 1
+    err = _error(capsys).strip()
+    assert err.startswith(f"{calib}:1:1: error: {want}") and err.count("\n") == 0
+    assert not out.exists()
