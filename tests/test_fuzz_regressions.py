@@ -221,3 +221,47 @@ def test_an_unreadable_calibration_file_says_why(tmp_path, capsys, tiny_weights,
     err = _error(capsys).strip()
     assert err.startswith(f"{calib}:1:1: error: {want}") and err.count("\n") == 0
     assert not out.exists()
+
+
+FMT_COMMENTS = """\
+model tiny {
+  input image 3x32x32
+  embed patch size=8 dim=64; tokens cls=1  # tokens
+  stage blocks depth=2 { transformer heads=2 qkv_bias }  # one-line block
+  bits {
+    default w8a8
+    head w8a8; blocks.*.mlp w4a8  # the MLPs
+  }  # bits
+  # the head
+  norm layernorm; head pool=cls classes=10  # ten digits
+}
+"""
+
+
+def test_fmt_keeps_a_trailing_comment_after_the_last_statement_of_its_line(tmp_path, capsys):
+    """The comment went to the first statement of a ';'-joined line (and the rule of a bits
+    line that sorts first); one after a bits block's '}' went to the end of the file and
+    took the own-line comments after it along."""
+    p = _spec(tmp_path, FMT_COMMENTS)
+    assert main(["fmt", str(p)]) == 0
+    text = p.read_text()
+    assert text == """\
+model tiny {
+  input image 3x32x32
+  embed patch size=8 dim=64
+  tokens cls=1  # tokens
+  stage blocks depth=2 {
+    transformer heads=2 qkv_bias
+  }  # one-line block
+  bits {
+    default       w8a8
+    blocks.*.mlp  w4a8  # the MLPs
+    head          w8a8
+  }  # bits
+  # the head
+  norm layernorm
+  head pool=cls classes=10  # ten digits
+}
+"""
+    assert vitdsl.load(p) == vitdsl.loads(FMT_COMMENTS)
+    assert main(["fmt", "--check", str(p)]) == 0  # idempotent
