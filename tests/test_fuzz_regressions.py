@@ -265,3 +265,22 @@ model tiny {
 """
     assert vitdsl.load(p) == vitdsl.loads(FMT_COMMENTS)
     assert main(["fmt", "--check", str(p)]) == 0  # idempotent
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["check", "--max-params", "1e3", "{spec}"], "vitdsl check: error: argument --max-params: invalid int value: '1e3'"),
+    (["train", "{spec}", "--epochs", "x", "-o", "w.safetensors"], "vitdsl train: error: argument --epochs: invalid int value: 'x'"),
+    (["build", "{spec}", "--no-such-option"], "vitdsl: error: unrecognized arguments: --no-such-option"),
+    (["frobnicate"], "vitdsl: error: argument COMMAND: invalid choice: 'frobnicate'"),
+])
+def test_usage_errors_exit_1(tmp_path, capsys, argv, message):
+    """argparse exited 2; DESIGN.md §3: every error exits 1 (help still exits 0)."""
+    p = _spec(tmp_path, TINY)
+    with pytest.raises(SystemExit) as e:
+        main([a.format(spec=p) for a in argv])
+    assert e.value.code == 1
+    err = _error(capsys)
+    assert err.startswith("usage: vitdsl") and err.splitlines()[-1].startswith(message)
+    with pytest.raises(SystemExit) as e:
+        main([argv[0] if argv[0] != "frobnicate" else "check", "--help"])
+    assert e.value.code == 0

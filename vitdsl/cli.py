@@ -6,8 +6,19 @@ import difflib
 import os
 import sys
 import time
+from typing import NoReturn
 
 from .errors import Span, SpecError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error (unknown option, `--epochs x`) exits 1 like every other
+    user error (DESIGN.md §3), not argparse's 2; `--help` and `--version` still exit 0.
+    Subcommand parsers inherit the class through add_subparsers."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
 
 
 def _load(args):
@@ -247,7 +258,7 @@ def cmd_quantize(args) -> int:
 def make_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="vitdsl", description="A language and compiler for vision transformers.")
+    p = Parser(prog="vitdsl", description="A language and compiler for vision transformers.")
     p.add_argument("--version", action="version", version=f"vitdsl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
