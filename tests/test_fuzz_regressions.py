@@ -223,6 +223,46 @@ def test_an_unreadable_calibration_file_says_why(tmp_path, capsys, tiny_weights,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["build", "{spec}", "-o", ""], "-o/--output"),
+    (["build", "{spec}", "-o", "{tmp}/o", "--weights", ""], "--weights"),
+    (["graph", "{spec}", "-o", ""], "-o/--output"),
+    (["quantize", "{spec}", "--weights", "{weights}", "--calib", "digits:2", "--bits", "w8a8", "-o", ""], "-o/--output"),
+    (["quantize", "{spec}", "--weights", "{weights}", "--calib", "", "--bits", "w8a8", "-o", "{tmp}/q"], "--calib"),
+    (["import", "timm:vit_tiny_patch16_224", "-o", ""], "-o/--output"),
+    (["import", "timm:vit_tiny_patch16_224", "-o", "{tmp}/a.vit", "--weights", ""], "--weights"),
+    (["bench", "{spec}", "--json", "", "--no-timm", "--runs", "1", "--warmup", "0", "-q"], "--json"),
+    (["check", ""], "SPEC"),
+    (["fmt", ""], "SPEC"),
+])
+def test_an_empty_path_is_an_error(tmp_path, capsys, monkeypatch, tiny_weights, argv, option):
+    """`-o ""` built into build/MODEL, quantize replaced the current directory with its
+    output, and an empty --weights or --json was silently ignored."""
+    spec, weights = tiny_weights
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    argv = [a.format(spec=spec, weights=weights, tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 1
+    err = _error(capsys)
+    assert err.splitlines()[-1] == f"vitdsl {argv[0]}: error: argument {option}: expected a path, got an empty string"
+    assert os.listdir(cwd) == [] and sorted(os.listdir(tmp_path)) == ["cwd", "tiny.vit", "w.safetensors"]
+
+
+def test_an_empty_output_is_refused_by_the_python_api_and_train(tmp_path, capsys, monkeypatch):
+    from vitdsl.build import build
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError, match="the output path is empty"):
+        build(vitdsl.loads(TINY), "")
+    assert os.listdir(tmp_path) == []
+    p = _spec(tmp_path, TINY)
+    assert main(["train", str(p), "--epochs", "1", "-o", ""]) == 1  # train checks its own output
+    assert _error(capsys).startswith("vitdsl: error: output must end in .safetensors")
+
+
 FMT_COMMENTS = """\
 model tiny {
   input image 3x32x32
