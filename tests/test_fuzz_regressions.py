@@ -178,3 +178,149 @@ def test_byte_order_marks_and_old_line_ends_read_as_plain_text(tmp_path, encode)
     with pytest.raises(SpecError) as e:
         vitdsl.load(p)
     assert (e.value.line, e.value.column) == (6, 17) and "not divisible by heads 3" in e.value.message
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where nothing can be created")
+@pytest.mark.parametrize("command", ["build", "quantize"])
+def test_an_unwritable_output_is_named_as_given(tmp_path, capsys, tiny_weights, command):
+    """The error named the staging directory (/proc/.out.XXXX.partial), which never exists."""
+    spec, weights = tiny_weights
+    out = "/proc/vitdsl-no-such-output"
+    argv = ["build", str(spec), "-o", out, "-q"] if command == "build" else \
+        ["quantize", str(spec), "--weights", str(weights), "--calib", "digits:2", "--bits", "w8a8", "-o", out, "-q"]
+    assert main(argv) == 1
+    err = _error(capsys)
+    assert err.startswith(f"{out}") and ": error: " in err and ".partial" not in err
+
+
+def test_a_failure_inside_the_staging_directory_names_the_output(tmp_path):
+    from vitdsl.atomic import staged_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError) as e:
+        with staged_dir(str(out)) as tmp:
+            open(os.path.join(tmp, "missing", "model.safetensors"), "wb")
+    assert e.value.filename == os.path.join(str(out), "missing", "model.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("content, want", [
+    pytest.param(None, "calibration data is empty; expected images (N, C, H, W)", id="dev-null"),
+    pytest.param(b"", "calibration data is empty; expected images (N, C, H, W)", id="empty"),
+    pytest.param(b"1 2 3\n", "cannot read calibration data: not a tensor file; expected images (N, C, H, W)", id="text"),
+])
+def test_an_unreadable_calibration_file_says_why(tmp_path, capsys, tiny_weights, content, want):
+    """An empty file gave 'cannot read calibration data: ' (torch.load's message is empty)."""
+    spec, weights = tiny_weights
+    calib = "/dev/null" if content is None else str(tmp_path / "calib.pt")
+    if content is not None:
+        (tmp_path / "calib.pt").write_bytes(content)
+    out = tmp_path / "q"
+    assert main(["quantize", str(spec), "--weights", str(weights), "--calib", calib, "--bits", "w8a8",
+                 "-o", str(out), "-q"]) == 1
+    err = _error(capsys).strip()
+    assert err.startswith(f"{calib}:1:1: error: {want}") and err.count("\n") == 0
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["build", "{spec}", "-o", ""], "-o/--output"),
+    (["build", "{spec}", "-o", "{tmp}/o", "--weights", ""], "--weights"),
+    (["graph", "{spec}", "-o", ""], "-o/--output"),
+    (["quantize", "{spec}", "--weights", "{weights}", "--calib", "digits:2", "--bits", "w8a8", "-o", ""], "-o/--output"),
+    (["quantize", "{spec}", "--weights", "{weights}", "--calib", "", "--bits", "w8a8", "-o", "{tmp}/q"], "--calib"),
+    (["import", "timm:vit_tiny_patch16_224", "-o", ""], "-o/--output"),
+    (["import", "timm:vit_tiny_patch16_224", "-o", "{tmp}/a.vit", "--weights", ""], "--weights"),
+    (["bench", "{spec}", "--json", "", "--no-timm", "--runs", "1", "--warmup", "0", "-q"], "--json"),
+    (["check", ""], "SPEC"),
+    (["fmt", ""], "SPEC"),
+])
+def test_an_empty_path_is_an_error(tmp_path, capsys, monkeypatch, tiny_weights, argv, option):
+    """`-o ""` built into build/MODEL, quantize replaced the current directory with its
+    output, and an empty --weights or --json was silently ignored."""
+    spec, weights = tiny_weights
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    argv = [a.format(spec=spec, weights=weights, tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 1
+    err = _error(capsys)
+    assert err.splitlines()[-1] == f"vitdsl {argv[0]}: error: argument {option}: expected a path, got an empty string"
+    assert os.listdir(cwd) == [] and sorted(os.listdir(tmp_path)) == ["cwd", "tiny.vit", "w.safetensors"]
+
+
+def test_an_empty_output_is_refused_by_the_python_api_and_train(tmp_path, capsys, monkeypatch):
+    from vitdsl.build import build
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError, match="the output path is empty"):
+        build(vitdsl.loads(TINY), "")
+    assert os.listdir(tmp_path) == []
+    p = _spec(tmp_path, TINY)
+    assert main(["train", str(p), "--epochs", "1", "-o", ""]) == 1  # train checks its own output
+    assert _error(capsys).startswith("vitdsl: error: output must end in .safetensors")
+
+
+FMT_COMMENTS = """\
+model tiny {
+  input image 3x32x32
+  embed patch size=8 dim=64; tokens cls=1  # tokens
+  stage blocks depth=2 { transformer heads=2 qkv_bias }  # one-line block
+  bits {
+    default w8a8
+    head w8a8; blocks.*.mlp w4a8  # the MLPs
+  }  # bits
+  # the head
+  norm layernorm; head pool=cls classes=10  # ten digits
+}
+"""
+
+
+def test_fmt_keeps_a_trailing_comment_after_the_last_statement_of_its_line(tmp_path, capsys):
+    """The comment went to the first statement of a ';'-joined line (and the rule of a bits
+    line that sorts first); one after a bits block's '}' went to the end of the file and
+    took the own-line comments after it along."""
+    p = _spec(tmp_path, FMT_COMMENTS)
+    assert main(["fmt", str(p)]) == 0
+    text = p.read_text()
+    assert text == """\
+model tiny {
+  input image 3x32x32
+  embed patch size=8 dim=64
+  tokens cls=1  # tokens
+  stage blocks depth=2 {
+    transformer heads=2 qkv_bias
+  }  # one-line block
+  bits {
+    default       w8a8
+    blocks.*.mlp  w4a8  # the MLPs
+    head          w8a8
+  }  # bits
+  # the head
+  norm layernorm
+  head pool=cls classes=10  # ten digits
+}
+"""
+    assert vitdsl.load(p) == vitdsl.loads(FMT_COMMENTS)
+    assert main(["fmt", "--check", str(p)]) == 0  # idempotent
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["check", "--max-params", "1e3", "{spec}"], "vitdsl check: error: argument --max-params: invalid int value: '1e3'"),
+    (["train", "{spec}", "--epochs", "x", "-o", "w.safetensors"], "vitdsl train: error: argument --epochs: invalid int value: 'x'"),
+    (["build", "{spec}", "--no-such-option"], "vitdsl: error: unrecognized arguments: --no-such-option"),
+    (["frobnicate"], "vitdsl: error: argument COMMAND: invalid choice: 'frobnicate'"),
+])
+def test_usage_errors_exit_1(tmp_path, capsys, argv, message):
+    """argparse exited 2; DESIGN.md §3: every error exits 1 (help still exits 0)."""
+    p = _spec(tmp_path, TINY)
+    with pytest.raises(SystemExit) as e:
+        main([a.format(spec=p) for a in argv])
+    assert e.value.code == 1
+    err = _error(capsys)
+    assert err.startswith("usage: vitdsl") and err.splitlines()[-1].startswith(message)
+    with pytest.raises(SystemExit) as e:
+        main([argv[0] if argv[0] != "frobnicate" else "check", "--help"])
+    assert e.value.code == 0

@@ -40,6 +40,15 @@ def writable_parent(path: str, what: str = "output") -> str:
     return probe
 
 
+def _as_given(e: OSError, staged: str, given: str) -> OSError:
+    """`e` naming the path the user gave instead of the temporary one vitdsl wrote first
+    (removed on error, so naming it would point the user at nothing)."""
+    name = e.filename
+    if isinstance(name, str) and (name == staged or name.startswith(staged + os.sep)):
+        return OSError(e.errno, e.strerror, given + name[len(staged):])
+    return e
+
+
 def write_text(path: str, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same directory + rename."""
     d = os.path.dirname(os.path.abspath(path))
@@ -55,9 +64,11 @@ def write_text(path: str, text: str) -> None:
         mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_umask()
         os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _as_given(e, tmp, path) from None
         raise
 
 
@@ -68,7 +79,7 @@ MARKERS = ("manifest.json", "report.json")  # files that identify a directory vi
 def staged_dir(out: str) -> Iterator[str]:
     """Yield a temporary directory beside `out`; on success it replaces `out` whole,
     on any error it is removed and `out` is left as it was."""
-    out = os.path.abspath(out)
+    given, out = out, os.path.abspath(out)
     if os.path.isdir(out) and os.listdir(out) and not any(
             os.path.exists(os.path.join(out, m)) for m in MARKERS):
         from .errors import SpecError
@@ -77,7 +88,10 @@ def staged_dir(out: str) -> Iterator[str]:
                         "(vitdsl replaces only its own output directories)", filename=out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=parent)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, given) from None
     try:
         yield tmp
         _normal_modes(tmp)
@@ -90,6 +104,8 @@ def staged_dir(out: str) -> Iterator[str]:
             raise FileExistsError(f"{out} exists and is not a directory")
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _as_given(e, tmp, given) from None
         raise

@@ -593,6 +593,8 @@ def cmd_bench(args) -> int:
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register `vitdsl bench` on an argparse subparsers object."""
+    from .cli import path_arg
+
     p = subparsers.add_parser(
         "bench", help="measure latency and throughput, against timm's same model",
         description=cmd_bench.__doc__ + " Warm-up runs first, then the median (and interquartile range) of "
@@ -609,7 +611,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed forwards of each model first (default: 5)")
     p.add_argument("--runs", type=int, default=20, metavar="N", help="timed forwards of each model (default: 20)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads on the CPU (default: torch's choice)")
-    p.add_argument("--json", metavar="PATH", help="also write the report, with every timing, as JSON")
+    p.add_argument("--json", type=path_arg, metavar="PATH", help="also write the report, with every timing, as JSON")
     p.add_argument("--no-timm", action="store_true", help="time vitdsl alone")
     p.add_argument("--no-prepack", action="store_true",
                    help="on the CPU (eager backend), time vitdsl's linear layers without weights packed once "

@@ -92,7 +92,10 @@ def parse_batch(text: str) -> tuple[int, int, int]:
 
 def check_writable(out: str) -> None:
     """Refuse before any work when OUT cannot be created: its nearest existing ancestor
-    must be a writable directory (and OUT itself, if it exists, a directory)."""
+    must be a writable directory (and OUT itself, if it exists, a directory).  An empty
+    OUT is refused: it would resolve to the current directory, which the output replaces."""
+    if not out:
+        raise SpecError("the output path is empty", filename="-o")
     path = os.path.abspath(out)
     if os.path.exists(path) and not os.path.isdir(path):
         raise SpecError(f"output {out} exists and is not a directory", filename=out)

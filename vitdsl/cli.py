@@ -6,8 +6,28 @@ import difflib
 import os
 import sys
 import time
+from typing import NoReturn
 
 from .errors import Span, SpecError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error (unknown option, `--epochs x`) exits 1 like every other
+    user error (DESIGN.md §3), not argparse's 2; `--help` and `--version` still exit 0.
+    Subcommand parsers inherit the class through add_subparsers."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+def path_arg(text: str) -> str:
+    """argparse type of every file or directory argument: an empty string (`-o ""`, an
+    unset shell variable) is an error, not 'not given' (build/MODEL, random weights) nor
+    the current directory."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
 
 
 def _load(args):
@@ -17,7 +37,7 @@ def _load(args):
 
 
 def _spec_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", metavar="SPEC", help="path to a .vit file")
+    p.add_argument("spec", metavar="SPEC", type=path_arg, help="path to a .vit file")
     p.add_argument("--max-params", type=int, default=10**10, metavar="N",
                    help="refuse models with more parameters than this (default: 10^10)")
 
@@ -85,7 +105,7 @@ def cmd_build(args) -> int:
     from .build import build
 
     g = _load(args)
-    out = args.output or os.path.join("build", g.name)
+    out = args.output if args.output is not None else os.path.join("build", g.name)
     from .build import parse_batch
 
     batch = parse_batch(args.batch) if args.batch else None
@@ -247,7 +267,7 @@ def cmd_quantize(args) -> int:
 def make_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="vitdsl", description="A language and compiler for vision transformers.")
+    p = Parser(prog="vitdsl", description="A language and compiler for vision transformers.")
     p.add_argument("--version", action="version", version=f"vitdsl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -262,25 +282,25 @@ def make_parser() -> argparse.ArgumentParser:
                         "trt: a TensorRT engine through torch-tensorrt (needs vitdsl[trt] and a CUDA GPU) (default: torch)")
     b.add_argument("--batch", metavar="MIN:OPT:MAX", help="dynamic batch range of onnx/trt builds (default: 1:8:64)")
     b.add_argument("--opset", type=int, metavar="N", help="ONNX opset, 17..21 (default: 17, or 21 when 4-bit weights need INT4)")
-    b.add_argument("-o", "--output", metavar="OUT", help="output directory (default: build/MODEL)")
+    b.add_argument("-o", "--output", type=path_arg, metavar="OUT", help="output directory (default: build/MODEL)")
     b.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
-    b.add_argument("--weights", metavar="FILE", help="safetensors weights to load instead of random init")
+    b.add_argument("--weights", type=path_arg, metavar="FILE", help="safetensors weights to load instead of random init")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_build)
 
     f = sub.add_parser("fmt", help="format a spec in place", description=cmd_fmt.__doc__)
-    f.add_argument("spec", metavar="SPEC", help="path to a .vit file")
+    f.add_argument("spec", metavar="SPEC", type=path_arg, help="path to a .vit file")
     f.add_argument("--check", action="store_true", help="do not write; exit 1 and show a diff if the file is not formatted")
     f.set_defaults(func=cmd_fmt)
 
     gr = sub.add_parser("graph", help="draw the graph (.svg or .dot)", description=cmd_graph.__doc__)
     _spec_arg(gr)
-    gr.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.svg or FILE.dot")
+    gr.add_argument("-o", "--output", required=True, type=path_arg, metavar="FILE", help="FILE.svg or FILE.dot")
     gr.set_defaults(func=cmd_graph)
     q = sub.add_parser("quantize", help="calibrate and write a quantized spec", description=cmd_quantize.__doc__)
     _spec_arg(q)
-    q.add_argument("--weights", required=True, metavar="FILE", help="float weights (safetensors)")
-    q.add_argument("--calib", required=True, metavar="DATA",
+    q.add_argument("--weights", required=True, type=path_arg, metavar="FILE", help="float weights (safetensors)")
+    q.add_argument("--calib", required=True, type=path_arg, metavar="DATA",
                    help="calibration images: a .safetensors/.pt tensor (N, C, H, W), or digits[:N]")
     group = q.add_mutually_exclusive_group(required=True)
     group.add_argument("--bits", metavar="wNaM", help="one width for every layer, e.g. w4a8")
@@ -288,21 +308,21 @@ def make_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="mptq", choices=["minmax", "percentile", "mptq"], help="calibration: minmax (observed range), percentile (99.99th), or mptq (MPTQ-ViT: "
                         "SQ-b, twin ranges after GELU, ranges by output error, node by node on the quantized "
                         "upstream; docs/quantization.md) (default: mptq)")
-    q.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
+    q.add_argument("-o", "--output", required=True, type=path_arg, metavar="OUT", help="output directory")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress")
     q.set_defaults(func=cmd_quantize)
 
     v = sub.add_parser("verify", help="compare a build's ONNX model or engine with the torch backend",
                        description=cmd_verify.__doc__)
-    v.add_argument("out", metavar="OUT", help="a directory written by vitdsl build --backend onnx|trt")
+    v.add_argument("out", metavar="OUT", type=path_arg, help="a directory written by vitdsl build --backend onnx|trt")
     v.add_argument("--batch", nargs="+", metavar="N", help="batch sizes to compare (default: the smallest and one more)")
     v.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     v.set_defaults(func=cmd_verify)
 
     im = sub.add_parser("import", help="write a spec for a timm model", description=cmd_import.__doc__)
     im.add_argument("source", metavar="timm:NAME", help="e.g. timm:vit_small_patch16_224, timm:swin_tiny_patch4_window7_224")
-    im.add_argument("-o", "--output", required=True, metavar="SPEC", help="the .vit file to write")
-    im.add_argument("--weights", metavar="FILE", help="also write timm's (random-init) weights, converted, as safetensors")
+    im.add_argument("-o", "--output", required=True, type=path_arg, metavar="SPEC", help="the .vit file to write")
+    im.add_argument("--weights", type=path_arg, metavar="FILE", help="also write timm's (random-init) weights, converted, as safetensors")
     im.set_defaults(func=cmd_import)
 
     from .train import add_cli
@@ -316,10 +336,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _error_text(e: SpecError) -> str:
     """A diagnostic as the terminal shows it: `file:line:col: error: ...` for a file; a
-    problem with an option or built-in data (no file: `<string>`, `<digits>`, `--batch`)
-    is `vitdsl: error: ...`, as argparse words its own."""
+    problem with an option or built-in data (no file: `<string>`, `<digits>`, `--batch`,
+    or an empty path) is `vitdsl: error: ...`, as argparse words its own."""
     if e.source is None and e.span == Span():
-        if e.filename.startswith(("<", "-")):
+        if not e.filename or e.filename.startswith(("<", "-")):
             return f"vitdsl: error: {e.message}"
         if e.filename.startswith("vitdsl "):  # a command's own options (vitdsl bench)
             return f"{e.filename}: error: {e.message}"

@@ -47,11 +47,17 @@ def arg_text(a: A.Arg) -> str:
 class _Printer:
     def __init__(self, spec: A.SpecFile):
         self.lines: list[str] = []
-        self.comments = sorted(spec.comments, key=lambda c: c.line)
+        self.comments = sorted((c for c in spec.comments if c.own_line), key=lambda c: c.line)
+        # A comment beside code follows everything on its line, so it goes after the last
+        # thing printed from that line (`norm layernorm; head ...  # the head` stays with
+        # the head): `anchors` maps a source line to that output line, and the comments are
+        # attached once the whole file is printed.
+        self.trailing = {c.line: c.text for c in spec.comments if not c.own_line}
+        self.anchors: dict[int, int] = {}
         self.last_line = 0  # last source line accounted for
 
     def _flush_comments(self, before: int, depth: int) -> None:
-        while self.comments and self.comments[0].line < before and self.comments[0].own_line:
+        while self.comments and self.comments[0].line < before:
             c = self.comments.pop(0)
             self._gap(c.line)
             self.lines.append(INDENT * depth + c.text)
@@ -61,17 +67,16 @@ class _Printer:
         if self.lines and line > self.last_line + 1 and self.lines[-1].strip() and not self.lines[-1].endswith("{"):
             self.lines.append("")
 
-    def _trailing(self, line: int) -> str:
-        for i, c in enumerate(self.comments):
-            if c.line == line and not c.own_line:
-                self.comments.pop(i)
-                return "  " + c.text
-        return ""
+    def _anchor(self, line: int, index: int = -1) -> None:
+        """Source `line`'s comment, if any, goes on output line `index` (unless something
+        later on the same source line is printed after it)."""
+        self.anchors[line] = index % len(self.lines)
 
     def emit(self, text: str, line: int, depth: int, end_line: int | None = None) -> None:
         self._flush_comments(line, depth)
         self._gap(line)
-        self.lines.append(INDENT * depth + text + self._trailing(line))
+        self.lines.append(INDENT * depth + text)
+        self._anchor(line)
         self.last_line = end_line or line
 
     def block(self, header: str, span, body, depth: int) -> None:
@@ -83,7 +88,8 @@ class _Printer:
         if self.lines[-1].endswith("{") and end == span.line:  # one-line block: keep it short
             self.lines[-1] = self.lines[-1] + " }"
         else:
-            self.lines.append(INDENT * depth + "}" + self._trailing(end))
+            self.lines.append(INDENT * depth + "}")
+        self._anchor(end)
         self.last_line = end
 
     def stmt(self, s, depth: int) -> None:
@@ -98,13 +104,18 @@ class _Printer:
         elif isinstance(s, A.BitsBlock):
             self.emit("bits {", s.span.line, depth)
             width = max((len(r.selector) for r in s.rules), default=0)
-            for r, lead, trail in self._bits_rules(s):
+            printed: dict[int, int] = {}  # a rule's position in the source -> its output line
+            for i, r, lead in self._bits_rules(s):
                 for c in lead:
                     self.lines.append(INDENT * (depth + 1) + c.text)
-                self.lines.append(INDENT * (depth + 1) + f"{r.selector.ljust(width)}  {r.spec}" + trail)
+                self.lines.append(INDENT * (depth + 1) + f"{r.selector.ljust(width)}  {r.spec}")
+                printed[i] = len(self.lines) - 1
                 self.last_line = r.span.line
+            for i in sorted(printed):  # in source order: a line's comment follows its last rule
+                self._anchor(s.rules[i].span.line, printed[i])
             self._flush_comments(s.span.end_line or s.span.line, depth + 1)
             self.lines.append(INDENT * depth + "}")
+            self._anchor(s.span.end_line or s.span.line)
             self.last_line = s.span.end_line or s.span.line
         elif isinstance(s, A.ShortcutStmt):
             taps = ", ".join(f"{t.ref.dotted} -> {expr_text(t.width)}" for t in s.taps)
@@ -115,20 +126,20 @@ class _Printer:
 
     def _bits_rules(self, s: A.BitsBlock):
         """Rules in canonical order (default first, then by rising precedence), each
-        with the comments written above it and beside it."""
+        with its position in the source and the comments written above it."""
         from .canon import canonical_rules
 
         prev = s.span.line
         entries = []
-        for r in s.rules:
-            lead = [c for c in self.comments if c.own_line and prev < c.line < r.span.line]
+        for i, r in enumerate(s.rules):
+            lead = [c for c in self.comments if prev < c.line < r.span.line]
             for c in lead:
                 self.comments.remove(c)
-            entries.append((r, lead, self._trailing(r.span.line)))
+            entries.append((i, r, lead))
             prev = r.span.line
         order = canonical_rules([(r.selector, r.spec) for r in s.rules])
         rank = {sel: i for i, (sel, _) in enumerate(order)}
-        return sorted(entries, key=lambda e: rank[e[0].selector])
+        return sorted(entries, key=lambda e: rank[e[1].selector])
 
     def item(self, it) -> None:
         if isinstance(it, A.ImportStmt):
@@ -152,8 +163,11 @@ class _Printer:
             self.item(it)
             prev = it
         self._flush_comments(10**9, 0)
-        for c in self.comments:  # trailing comments whose line vanished (should not happen)
-            self.lines.append(c.text)
+        for line, text in self.trailing.items():
+            if line in self.anchors:
+                self.lines[self.anchors[line]] += "  " + text
+            else:  # a comment whose line printed nothing (should not happen): keep it
+                self.lines.append(text)
         while self.lines and not self.lines[-1].strip():
             self.lines.pop()
         return "\n".join(self.lines) + "\n"

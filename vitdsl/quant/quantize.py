@@ -35,6 +35,14 @@ def load_images(path: str, shape: tuple[int, int, int] | None = None, test_fract
         return calibration_images(int(count), shape, TEST_FRACTION if test_fraction is None else test_fraction, fold)
     if not os.path.exists(path):
         raise SpecError("calibration data not found", filename=path)
+    expected = "images (N, C, H, W) in a .safetensors file or a .pt file written by torch.save"
+    try:
+        with open(path, "rb") as f:  # torch.load's error for an empty file has no text
+            empty = not f.read(1)
+    except OSError as e:
+        raise SpecError(f"cannot read calibration data: {e.strerror or e}", filename=path) from None
+    if empty:
+        raise SpecError(f"calibration data is empty; expected {expected}", filename=path)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -44,7 +52,11 @@ def load_images(path: str, shape: tuple[int, int, int] | None = None, test_fract
         else:
             x = torch.load(path, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user error here
-        raise SpecError(f"cannot read calibration data: {e}", filename=path) from None
+        # safetensors says what is wrong in a line; torch.load's messages (empty, or a
+        # paragraph about weights_only) do not, so they are replaced by what was expected
+        reason = (f"not a safetensors file ({e})" if path.endswith(".safetensors")
+                  else f"not a tensor file; expected {expected}")
+        raise SpecError(f"cannot read calibration data: {reason}", filename=path) from None
     if not isinstance(x, torch.Tensor):
         raise SpecError("calibration data must hold one tensor of images (N, C, H, W)", filename=path)
     return x.float()
