@@ -235,3 +235,35 @@ def test_sequential_calibration_reads_each_node_with_the_nodes_before_it_quantiz
         for n in layers:  # 4 images x 17 tokens: every row is kept, in order
             torch.testing.assert_close(cal.inputs[n], seen[n], rtol=0, atol=0)
             assert not torch.allclose(cal.inputs[n], cal.float_inputs[n])  # the upstream quantization shows
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_an_activation_keeps_its_full_range_from_8_bits(bits, monkeypatch):
+    """The output-error search may clip an activation's range below FULL_RANGE_BITS only:
+    on data where a clip lowers the error on both halves of the sample at either width
+    (checked first, with the rule switched off), the 8-bit quantizer still gets the full
+    observed range and the 4-bit one the clip."""
+    from types import SimpleNamespace
+
+    from vitdsl.quant import mptq
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 512, generator=g).clamp(-1, 1)
+    x[[0, 17, 32, 49], 0] = 2.0  # a few outliers, in both halves (even and odd rows) of the sample
+    half = torch.arange(64) % 2 == 0
+    amax = float(x.abs().max())
+
+    def searched() -> float:
+        fq = FakeQuant(bits, signed=True)
+        cal = SimpleNamespace(ranges={"x": (x.min(), x.max())}, _half_errors=mptq.LayerCalibrator._half_errors,
+                              _consistent=mptq.LayerCalibrator._consistent)
+        mptq.LayerCalibrator._search(cal, fq, "x", lambda: fq(x), x, half)
+        return float(fq.scale) * fq.qmax
+
+    with monkeypatch.context() as mp:
+        mp.setattr(mptq, "FULL_RANGE_BITS", 99)
+        assert searched() < amax - 1e-6  # without the rule the search clips at this width
+    if bits == 8:
+        assert searched() == pytest.approx(amax, rel=1e-6)
+    else:
+        assert searched() < amax - 1e-6
