@@ -324,3 +324,15 @@ def test_usage_errors_exit_1(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         main([argv[0] if argv[0] != "frobnicate" else "check", "--help"])
     assert e.value.code == 0
+
+
+def test_import_weights_to_an_unwritable_path_name_that_path(tmp_path, capsys):
+    """The error named a temporary file safetensors itself had tried (/proc/.tmpXXXX), and
+    the spec was not written either way."""
+    pytest.importorskip("timm")
+    out = "/proc/vitdsl-no-such-weights.safetensors"
+    spec = tmp_path / "t.vit"
+    assert main(["import", "timm:vit_tiny_patch16_224", "-o", str(spec), "--weights", out]) == 1
+    err = _error(capsys)
+    assert err.startswith(f"{out}:") and "cannot write weights" in err and ".tmp" not in err
+    assert not spec.exists() and os.listdir(tmp_path) == []

@@ -50,7 +50,13 @@ def _as_given(e: OSError, staged: str, given: str) -> OSError:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory + rename."""
+    """Write `text` (UTF-8) to `path` through a temporary file in the same directory + rename."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory + rename;
+    an OSError names `path`, never the temporary file."""
     d = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise IsADirectoryError(21, "Is a directory", path)
@@ -59,8 +65,8 @@ def write_text(path: str, text: str) -> None:
     except OSError as e:
         raise OSError(e.errno, e.strerror, path) from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_umask()
         os.chmod(tmp, mode)
         os.replace(tmp, path)

@@ -200,20 +200,16 @@ def cmd_import(args) -> int:
 
     g = loads(text, args.output)
     if args.weights:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
+        from .atomic import write_bytes
         from .interop.timm import convert_state_dict
 
         state = {k: v.contiguous() for k, v in convert_state_dict(g, model.state_dict()).items()}
-        tmp = args.weights + ".partial"
-        try:
-            save_file(state, tmp, metadata={"source": f"timm:{name}"})
-            os.replace(tmp, args.weights)
-        except Exception as e:  # noqa: BLE001 - an unwritable destination is a user error
-            raise SpecError(f"cannot write weights: {e}", filename=args.weights) from None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        try:  # serialised here, written by vitdsl: an error names the user's path, not a temp file
+            write_bytes(args.weights, save(state, metadata={"source": f"timm:{name}"}))
+        except OSError as e:  # an unwritable destination is a user error
+            raise SpecError(f"cannot write weights: {e.strerror or e}", filename=args.weights) from None
     write_text(args.output, text)
     print(f"wrote {args.output} ({g.total().params:,} params)" + (f" and {args.weights}" if args.weights else ""))
     return 0
