@@ -194,13 +194,13 @@ def write_doc(text: str, doc: Path = DOC) -> None:
 
 
 def section(title: str, summary: Sequence[str], load0: str, load1: str, date: str | None = None,
-            command: str | None = None) -> list[str]:
+            command: str | None = None, machine: Sequence[str] | None = None) -> list[str]:
     """The lines every section starts with: title, date, command, machine, verdicts,
-    and a warning when the machine was busy (`date`, `command`: of figures measured
-    earlier, default now and this process's command)."""
+    and a warning when the machine was busy (`date`, `command`, `machine`: of figures
+    measured earlier, default now, this process's command and this machine)."""
     warning = load_warning(load0, load1)
     return [f"## {title}", "", f"Date: {date or now()}", "", "Command (from the repository root):", "", "```",
-            command or command_line(), "```", "", *machine_lines(), "", *summary, "",
+            command or command_line(), "```", "", *(machine or machine_lines()), "", *summary, "",
             *([warning, ""] if warning else [])]
 
 

@@ -267,3 +267,22 @@ def test_an_activation_keeps_its_full_range_from_8_bits(bits, monkeypatch):
         assert searched() == pytest.approx(amax, rel=1e-6)
     else:
         assert searched() < amax - 1e-6
+
+
+def test_at_w8a8_mptq_keeps_full_ranges_but_still_searches_twin_ranges_and_weights(setup):
+    """The 8-bit rule in a whole calibration: every softmax output keeps its known range
+    [0, 1] (unsigned 8 bits: step 1/255; the search clipped it here before the rule),
+    while the twin range after GELU and the weight clips are still chosen by their
+    searches."""
+    g, state, images = setup
+    qg = vitdsl.loads(BASE.replace("  head pool=cls classes=10\n", "  head pool=cls classes=10\n  bits {\n    default w8a8\n  }\n"))
+    m = vitdsl.compile(qg)
+    m.load_state_dict(state, strict=False)
+    calibrate(m, images, method="mptq")
+    sd = m.state_dict()
+    probs = [k for k in sd if k.endswith("probs.scale")]
+    assert probs and all(float(sd[k]) == pytest.approx(1 / 255) for k in probs)
+    assert float(sd["blocks.0.mlp.fc2.input_quant.neg_scale"]) > 0  # OPT-m twin range after GELU
+    clipped = [k for k in sd if k.endswith("weight_quant.scale") and
+               (sd[k] < sd[k.replace("weight_quant.scale", "weight")].flatten(1).abs().amax(1) / 127 - 1e-9).any()]
+    assert clipped  # some weight channel's clip was searched below its largest magnitude

@@ -59,7 +59,7 @@ def results(tmp_path_factory) -> dict:
         with torch.no_grad():
             ref = F.log_softmax(fmodel(d.x_test), -1)
         n = len(d.y_test)
-        res: dict = {"FP32": 100.0 * int((ref.argmax(1) == d.y_test).sum()) / n}
+        res: dict = {"FP32": 100.0 * int((ref.argmax(1) == d.y_test).sum()) / n, "n": n}
         for name, kw in SETTINGS.items():
             for method in METHODS:
                 _, qm, _ = quantize(g, state, calib, method=method, **kw)
@@ -85,14 +85,16 @@ def test_mptq_kl_is_lower_than_minmax(results, setting):
 
 
 # One held-out image is 100/359 = 0.28 points, more than the issue's 0.2-point slack, so
-# at high widths a single image decides this relation.  At MP 5 mptq is two images
-# below minmax here (96.94% against 97.49%, minmax 0.28 points above FP32 itself) while
-# its KL is 0.64x minmax's: a deterministic miss on this model and split, not rounding.
+# at high widths a single image decides this relation.  At MP 5 mptq is three images
+# below minmax here (96.66% against 97.49%, minmax 0.28 points above FP32 itself) while
+# its KL is 0.50x minmax's: a deterministic miss on this model and split, not rounding.
 # It has gone both ways with small calibration changes (it passed with the per-channel
-# weight search), so it is marked non-strict and the full table
-# (bench/quant_table.py, docs/benchmarks.md) reports it with paired evidence; every
-# other case is strict.
-ONE_IMAGE_MISSES = {"MP 5": "mptq is two held-out images (0.56 points) below minmax at MP 5, minmax one above FP32"}
+# weight search; two images before the 8-bit full-range rule, three after), so it is
+# marked non-strict, `test_the_known_misses_do_not_widen` bounds it, and the full table
+# (bench/quant_table.py, docs/benchmarks.md) reports it with paired evidence, on the
+# fixed split and on the 5-fold pool (where MP 5 mptq is within 0.2 points of minmax on
+# both digits models); every other case is strict.
+ONE_IMAGE_MISSES = {"MP 5": "mptq is three held-out images (0.84 points) below minmax at MP 5, minmax one above FP32"}
 
 
 @pytest.mark.parametrize("setting", [
@@ -120,8 +122,9 @@ def test_mixed_precision_at_5_bits_is_close_to_fp32_and_closer_than_uniform_w5a5
 # mptq's MP 5 is one held-out image (0.28 points) below its W5A5 here, with 0.52x its KL.
 # On the digits models' 5-fold cross-validation (1797 held-out images, 3 calibration sets
 # each; docs/benchmarks.md) the two are level within a few images as well (digits_vit:
-# 12 images only MP 5 gets right against 15 only W5A5, exact McNemar p = 0.7), so one
-# image on this model decides it either way: non-strict, like the miss above.
+# 11 images only MP 5 gets right against 15 only W5A5, exact McNemar p = 0.56), so one
+# image on this model decides it either way: non-strict like the miss above, and bounded
+# by `test_the_known_misses_do_not_widen`.
 MP_VS_UNIFORM_MISSES = {"mptq": "mptq's MP 5 is one held-out image below its W5A5 (KL 0.52x)"}
 
 
@@ -132,3 +135,11 @@ def test_mixed_precision_at_5_bits_is_at_least_as_accurate_as_uniform_w5a5(resul
     acc_mp, _ = results[("MP 5", method)]
     acc_u, _ = results[("W5A5", method)]
     assert acc_mp >= acc_u, _table(results)
+
+
+def test_the_known_misses_do_not_widen(results):
+    """The two non-strict relations above, held to the gap measured when they were marked
+    (three images and one image): a regression that widens either one fails here."""
+    image = 100.0 / results["n"]
+    assert results[("MP 5", "mptq")][0] >= results[("MP 5", "minmax")][0] - 3 * image - 1e-9, _table(results)
+    assert results[("MP 5", "mptq")][0] >= results[("W5A5", "mptq")][0] - 1 * image - 1e-9, _table(results)

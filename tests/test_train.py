@@ -144,9 +144,40 @@ def test_calibration_images_of_a_fold_are_its_training_images():
     assert cal.shape == (64, 1, 8, 8)
     train_keys = _raw_keys(d, d.x_train)
     assert _raw_keys(d, cal) == train_keys[:64]  # the first 64, normalised as the fold's model
-    # no calibration image is one of the fold's held-out images (digits has duplicates: by index)
-    test_keys = set(_raw_keys(d, d.x_test))
-    assert sum(k in test_keys for k in _raw_keys(d, cal)) <= 1
+    # ... and those are never held out: the fold's two index sets partition the data set
+    from sklearn.datasets import load_digits as sk_digits
+
+    from vitdsl.train import _stratified_split
+
+    train_idx, test_idx = _stratified_split(sk_digits().target, 0.2, fold=3)
+    assert not set(train_idx) & set(test_idx) and len(train_idx) + len(test_idx) == 1797
+    assert len(train_idx) == len(d.y_train)
+
+
+@pytest.mark.parametrize("meta, want", [
+    ({}, (None, 0)),  # weights from elsewhere
+    ({"test_fraction": "0.2"}, (0.2, 0)),  # written before folds existed
+    ({"test_fraction": "0.2", "fold": "3"}, (0.2, 3)),
+    ({"test_fraction": "0.2", "fold": "-1"}, "fold '-1', not a fold number"),
+    ({"test_fraction": "0.2", "fold": "x"}, "fold 'x', not a fold number"),
+    ({"test_fraction": "0.2", "fold": "\u00b2"}, "not a fold number"),
+    ({"test_fraction": "a fifth", "fold": "1"}, "test_fraction 'a fifth', not a number"),
+])
+def test_the_split_in_the_weights_metadata_is_read_or_refused(tmp_path, meta, want):
+    """A wrong value must not fall back to fold 0: fold 0's calibration images are other
+    folds' held-out images."""
+    from safetensors.torch import save_file
+
+    from vitdsl.cli import _trained_split
+
+    path = str(tmp_path / "w.safetensors")
+    save_file({"x": torch.zeros(1)}, path, metadata=meta)
+    if isinstance(want, tuple):
+        assert _trained_split(path) == want
+    else:
+        with pytest.raises(vitdsl.SpecError, match=want) as e:
+            _trained_split(path)
+        assert e.value.filename == path
 
 
 @pytest.mark.parametrize("fraction,fold", [(0.2, 5), (0.2, -1), (0.3, 3), (0.5, 2), (0.2, 1.0), (0.2, True)])

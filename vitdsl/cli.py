@@ -219,15 +219,27 @@ def _trained_split(weights: str) -> tuple[float | None, int]:
     """The held-out fraction and fold `vitdsl train` recorded in the weights' metadata
     (None and 0 if absent): digits calibration images are then drawn from that model's
     training split and normalised as its inputs were."""
+    import re
+
     from safetensors import safe_open
 
     try:
         with safe_open(weights, "pt") as f:
             meta = f.metadata() or {}
-        value, fold = meta.get("test_fraction"), meta.get("fold", "0")
-        return (float(value) if value is not None else None), (int(fold) if fold.isdigit() else 0)
     except Exception:  # noqa: BLE001 - unreadable weights are reported when they are loaded
         return None, 0
+    fraction, fold = meta.get("test_fraction"), meta.get("fold", "0")
+    # A wrong value must not fall back to the defaults: another split's calibration images
+    # can be this model's held-out ones.
+    if fraction is not None:
+        try:
+            fraction = float(fraction)
+        except ValueError:
+            raise SpecError(f"the weights' metadata has test_fraction '{fraction}', not a number",
+                            filename=weights) from None
+    if not re.fullmatch(r"[0-9]{1,6}", fold):
+        raise SpecError(f"the weights' metadata has fold '{fold}', not a fold number", filename=weights)
+    return fraction, int(fold)
 
 
 def cmd_quantize(args) -> int:

@@ -16,12 +16,12 @@ Data
   seed, so every run of every spec is scored on the same images.  The splits are nested:
   every class's images are taken in one fixed order, the test split is its first
   ``round(n_c * test_fraction)``, so a larger fraction only moves images from train to
-  test; the first half of every class's order is therefore training data at every
+  test; the second half of every class's order is therefore training data at every
   allowed fraction (what ``vitdsl quantize --calib digits:N`` draws from).  Inputs are
   normalised with the training split's per-channel mean and standard deviation
   (recorded in the outputs).
-  Cross-validation: ``fold`` k holds out the k-th block of round(n_c * test_fraction)
-  images of the same fixed order instead of the first (fold 0 is the split above), so
+  Cross-validation: ``fold`` k holds out positions [round(n_c f k), round(n_c f (k+1)))
+  of the same fixed order instead of the first block (fold 0 is the split above), so
   the floor(1 / test_fraction) folds hold out disjoint images, and with a fraction of
   1/K every image exactly once: K models scored on all the data, for comparisons finer
   than one held-out split resolves.
