@@ -442,21 +442,25 @@ def verdict_lines(checks: list[dict], timing: dict | None, results: dict | None 
     return out
 
 
+def pooled_names(cv: dict) -> dict:
+    """Pooled results keyed by the label their verdicts carry ('digits_vit, 5 folds pooled')."""
+    return {f"{name}, {res['folds']} folds pooled": res for name, res in cv.items()}
+
+
 def doc_body(results: dict, checks: list[dict], timing: dict | None, n_calib: int, draws: int, load0: str, load1: str,
              threads: int, rev: str, cv: dict | None = None, cv_checks: list[dict] | None = None,
              measured: dict | None = None) -> str:
     summary = ["Targets (issue 4 §5), on the fixed split:", "", *verdict_lines(checks, timing, results)]
+    k = next(iter(cv.values()))["folds"] if cv else 1
     if cv:
-        k = next(iter(cv.values()))["folds"]
         summary += ["", f"The same targets on {k}-fold cross-validation (the {k} folds' held-out images pooled: "
                     f"every digits image once, {next(iter(cv.values()))['test_size']} predictions per cell):", "",
-                    *verdict_lines(cv_checks or [], None, {f"{n}, {k} folds pooled": r for n, r in cv.items()})]
+                    *verdict_lines(cv_checks or [], None, pooled_names(cv))]
     lines = C.section("Post-training quantization: accuracy and KL (digits)", summary, load0, load1,
                       **(measured or {}))
-    train_cmds = "\n".join(f"vitdsl train specs/{k}.vit --epochs {MODELS[k]['epochs']} --seed {SEED} "
-                           f"--threads {threads} -o build/quant_table/{k}.safetensors" for k in results)
+    train_cmds = "\n".join(f"vitdsl train specs/{m}.vit --epochs {MODELS[m]['epochs']} --seed {SEED} "
+                           f"--threads {threads} -o build/quant_table/{m}.safetensors" for m in results)
     if cv:
-        k = next(iter(cv.values()))["folds"]
         train_cmds += "\n" + "\n".join(
             f"for k in $(seq 1 {k - 1}); do vitdsl train specs/{m}.vit --epochs {MODELS[m]['epochs']} --seed {SEED} "
             f"--threads {threads} --fold $k -o build/quant_table/{m}.fold$k.safetensors; done" for m in cv)
@@ -606,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
             checks += check(name, results[name])
             if args.folds > 1:
                 cv[name] = pooled(per_fold[name])
-                cv_checks += check(f"{name}, {args.folds} folds pooled", cv[name])
+        for label, res in pooled_names(cv).items():
+            cv_checks += check(label, res)
     timing = vit_small_timing(args.out_dir, args.timing_threads, args.timing_bits) if args.vit_small_timing else None
     if saved is not None and timing is None:
         timing = saved.get("vit_small_timing")
@@ -626,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(verdict_lines(checks, timing, results)))
     if cv:
-        print("\n".join(verdict_lines(cv_checks, None, {f"{n}, {args.folds} folds pooled": r for n, r in cv.items()})))
+        print("\n".join(verdict_lines(cv_checks, None, pooled_names(cv))))
 
     if args.json:
         with open(args.json, "w") as f:

@@ -23,15 +23,13 @@ def load_images(path: str, shape: tuple[int, int, int] | None = None, test_fract
     upsampled to `shape`, the model's input, normalised as for a model trained with
     `test_fraction`, default vitdsl.train's, and `fold`) via vitdsl.train."""
     if path == "digits" or path.startswith("digits:"):
-        from ..train import calibration_images
+        from ..train import TEST_FRACTION, calibration_images
 
         count = path.split(":", 1)[1] if ":" in path else "32"
         if not count.isdigit():
             raise SpecError(f"expected digits or digits:N with N a number of images, got '{path}'")
         if shape is None:
             raise SpecError("digits calibration needs the model's input shape")
-        from ..train import TEST_FRACTION
-
         return calibration_images(int(count), shape, TEST_FRACTION if test_fraction is None else test_fraction, fold)
     if not os.path.exists(path):
         raise SpecError("calibration data not found", filename=path)
