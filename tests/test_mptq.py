@@ -204,7 +204,8 @@ def test_sequential_calibration_reads_each_node_with_the_nodes_before_it_quantiz
     the residual branches BRECQ reconstructs one at a time): a node's layers are searched
     on the inputs the model produces with every earlier node quantized and the node
     itself float, against the float model's outputs.  Checked against an independent
-    run of the finished model with that node's quantizers off."""
+    run of the finished model with that node's quantizers off and its float weights back
+    (GPTQ replaced them by rounded ones after the node's inputs were read)."""
     from vitdsl.quant.mptq import LayerCalibrator
 
     g, state, images = setup
@@ -222,14 +223,20 @@ def test_sequential_calibration_reads_each_node_with_the_nodes_before_it_quantiz
         hooks = [qmodel.get_submodule(n).register_forward_pre_hook(
             lambda mod, args, n=n: seen.__setitem__(n, args[0].reshape(-1, args[0].shape[-1]))) for n in layers]
         off = [q for n in layers for q in cal.quantizers(n)]
+        rounded = {n: qmodel.get_submodule(n).weight.detach().clone() for n in layers}
         try:
             for q in off:
                 q.bypass = True
             with torch.no_grad():
+                for n in layers:
+                    qmodel.get_submodule(n).weight.copy_(state[n + ".weight"])
                 qmodel(images)
         finally:
             for q in off:
                 q.bypass = False
+            with torch.no_grad():
+                for n in layers:
+                    qmodel.get_submodule(n).weight.copy_(rounded[n])
             for h in hooks:
                 h.remove()
         for n in layers:  # 4 images x 17 tokens: every row is kept, in order

@@ -12,6 +12,11 @@ Quantization for Vision Transformer", 2024).
   that channel's output error (the same search, on the weight side).
 - Greedy MP (§3.3): see `greedy_mixed_precision`.
 
+Weight rounding (not in the paper; vitdsl.quant.gptq, in the sequential calibration
+only): after a layer's scales and input range are chosen, its weights are rounded by
+GPTQ (Frantar et al. 2023) for the inputs the layer multiplies instead of to nearest,
+if a cross-fitted check says this carries over to unseen images (`_round_weight`).
+
 Sequential calibration (`sequential=True`, what `calibrate(method="mptq")` runs; not in
 the paper): graph nodes (a patch embedding, an attention, an MLP: the residual branches
 BRECQ calls blocks; a MobileViT block is one node) are calibrated in the order the
@@ -46,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fake import AttnQuant, FakeQuant, QuantConv2d, QuantLinear, attn_quant_of
+from .gptq import input_rows, quantize_columns
 
 # Clipping factors of the observed range: 0.3 .. 0.9 by 0.1, then finer towards 1.0, where
 # the optimum lies at high widths (a step from 1.0 straight to 0.9 clips more than 8 bits want).
@@ -104,6 +110,12 @@ class LayerCalibrator:
         # How much of its own scores each attention's softmax sees (α with ReViT residual
         # attention, Eq. 5; else 1), read from the attention module's inputs in this run.
         self.score_weight: dict[str, float] = {}
+        # GPTQ weight rounding (vitdsl.quant.gptq) in the sequential calibration only (the
+        # mixed-precision search's trials round to nearest): layer -> its whole input over
+        # every calibration image, kept from a node's capture until the layer is calibrated.
+        self.gptq = sequential and method == "mptq"
+        self.whole_inputs: dict[str, torch.Tensor] = {}
+        self._keep_whole = False
         from .calibrate import float_run
 
         with float_run(model):
@@ -145,6 +157,8 @@ class LayerCalibrator:
 
                     x = _pool(x, mod.pool, mod.prefix)
                 self.ranges[n] = (x.min(), x.max())
+                if self._keep_whole:
+                    self.whole_inputs[n] = x.clone()
                 if isinstance(mod, QuantConv2d):
                     self.inputs[n] = images_of(x).clone()
                     self.halves[n] = halves_of(x)
@@ -212,14 +226,18 @@ class LayerCalibrator:
         group = [n for n in self.order if self.block[n] == self.block[name]]
         if name != group[0]:
             return
-        if group[0] == self.order[0]:  # nothing upstream: the float capture is this node's input
+        if group[0] == self.order[0] and not self.gptq:  # nothing upstream: the float capture is this node's input
             return
         i = self.order.index(group[-1])
         on = [q for n in self.done if n not in group for q in self.quantizers(n)]
-        with float_run(self.model):
-            for q in on:
-                q.bypass = False
-            self._capture(group, stop_at=self.order[i + 1] if i + 1 < len(self.order) else None)
+        self._keep_whole = self.gptq
+        try:
+            with float_run(self.model):
+                for q in on:
+                    q.bypass = False
+                self._capture(group, stop_at=self.order[i + 1] if i + 1 < len(self.order) else None)
+        finally:
+            self._keep_whole = False
 
     def _out(self, m: nn.Module, x: torch.Tensor, w: torch.Tensor, quant_input: bool) -> torch.Tensor:
         xin = m.input_quant(x) if quant_input else x
@@ -300,6 +318,14 @@ class LayerCalibrator:
         ref = self._out(m, self.float_inputs[name], m.weight, quant_input=False)
         halves = self.halves[name]
         self._search_weight(m, x, ref, halves)
+        err = self._search_input(name, m, x, ref, halves)
+        if self.gptq and self._round_weight(name, m):
+            err = (self._out(m, x, m.weight_quant(m.weight), True) - ref).pow(2).mean().item()
+        return err
+
+    def _search_input(self, name: str, m: nn.Module, x: torch.Tensor, ref: torch.Tensor, halves: torch.Tensor) -> float:
+        """The input range (a twin range after GELU, OPT-m) for the weights as they are
+        quantized now; returns the output MSE."""
         wq = m.weight_quant(m.weight)  # fixed during the input search
         q = m.input_quant
         if not _is_post_gelu(self.model, name):
@@ -341,6 +367,37 @@ class LayerCalibrator:
             best_scale = torch.where(better, wq_.scale, best_scale)
         keep = self._consistent(best_err, err, halves)  # err: minmax's
         wq_.scale.copy_(torch.where(keep, best_scale, amax / wq_.qmax))
+
+    def _round_weight(self, name: str, m: nn.Module) -> bool:
+        """GPTQ on the chosen weight scales, for the inputs the layer multiplies (every
+        calibration image, through its input quantizer).  Kept only if it generalises:
+        GPTQ fitted on the even-numbered images must lower its objective ||(W - Q) X||²
+        on the odd-numbered ones below rounding to nearest, and the other way round (the
+        overfitting guard, cross-fitted).  The weight is then replaced by the result
+        fitted on every image (on the grid: the weight quantizer leaves it as it is).
+        Returns whether it was."""
+        whole = self.whole_inputs.pop(name, None)
+        if whole is None or whole.shape[0] < 2:
+            return False
+        xq = m.input_quant(whole)
+        parts = [input_rows(m, xq[i::2]) for i in (0, 1)]
+        if parts[0] is None:
+            return False
+        hs = [r.T @ r for r in parts]
+        wq_ = m.weight_quant
+        w = m.weight.flatten(1)
+        near = wq_(m.weight).flatten(1)
+
+        def cost(q: torch.Tensor, h: torch.Tensor) -> float:
+            d = (w - q).double()
+            return float(((d @ h.double()) * d).sum())
+
+        for fit, held in ((0, 1), (1, 0)):
+            q = quantize_columns(w, hs[fit], wq_.scale, wq_.qmax)
+            if not cost(q, hs[held]) < cost(near, hs[held]):
+                return False
+        m.weight.copy_(quantize_columns(w, hs[0] + hs[1], wq_.scale, wq_.qmax).view_as(m.weight))
+        return True
 
     def _calibrate_attn(self, name: str) -> None:
         """Operands of S = q kᵀ, then of A·V, each range chosen by the error of the
