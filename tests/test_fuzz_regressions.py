@@ -234,6 +234,10 @@ def test_an_unreadable_calibration_file_says_why(tmp_path, capsys, tiny_weights,
     (["bench", "{spec}", "--json", "", "--no-timm", "--runs", "1", "--warmup", "0", "-q"], "--json"),
     (["check", ""], "SPEC"),
     (["fmt", ""], "SPEC"),
+    (["train", "{spec}", "--epochs", "1", "-o", ""], "-o/--output"),
+    (["train", "{spec}", "--epochs", "1", "--data", "", "-o", "{tmp}/t.safetensors"], "--data"),
+    (["train", "{spec}", "--epochs", "1", "--replica-checksums", "", "-o", "{tmp}/t.safetensors"], "--replica-checksums"),
+    (["train", "", "-o", "{tmp}/t.safetensors"], "SPEC"),
 ])
 def test_an_empty_path_is_an_error(tmp_path, capsys, monkeypatch, tiny_weights, argv, option):
     """`-o ""` built into build/MODEL, quantize replaced the current directory with its
@@ -251,16 +255,26 @@ def test_an_empty_path_is_an_error(tmp_path, capsys, monkeypatch, tiny_weights, 
     assert os.listdir(cwd) == [] and sorted(os.listdir(tmp_path)) == ["cwd", "tiny.vit", "w.safetensors"]
 
 
-def test_an_empty_output_is_refused_by_the_python_api_and_train(tmp_path, capsys, monkeypatch):
+def test_an_empty_output_is_refused_by_the_python_api(tmp_path, monkeypatch):
     from vitdsl.build import build
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SpecError, match="the output path is empty"):
         build(vitdsl.loads(TINY), "")
     assert os.listdir(tmp_path) == []
+
+
+def test_an_unwritable_replica_checksum_directory_is_refused_before_training(tmp_path, capsys):
+    """It was created after the last epoch: a whole training lost, and the error said only
+    'No such file or directory'."""
     p = _spec(tmp_path, TINY)
-    assert main(["train", str(p), "--epochs", "1", "-o", ""]) == 1  # train checks its own output
-    assert _error(capsys).startswith("vitdsl: error: output must end in .safetensors")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = tmp_path / "t.safetensors"
+    assert main(["train", str(p), "--epochs", "1", "-q", "--replica-checksums", str(blocker / "sums"), "-o", str(out)]) == 1
+    err = _error(capsys).strip()
+    assert err.startswith(f"{blocker / 'sums'}:1:1: error: cannot create the replica checksum directory: ")
+    assert not out.exists() and not (tmp_path / "t.json").exists()
 
 
 FMT_COMMENTS = """\

@@ -509,6 +509,12 @@ def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size
         spec_name = os.fspath(spec_path_or_graph)
         graph = load(spec_name, **({"max_params": max_params} if max_params is not None else {}))
     out = _check_output(out) if out is not None else None
+    if checksum_dir is not None:  # made now: an unwritable directory must not cost a whole training
+        try:
+            os.makedirs(checksum_dir, exist_ok=True)
+        except OSError as e:
+            raise SpecError(f"cannot create the replica checksum directory: {e.strerror or e}",
+                            filename=checksum_dir) from None
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     own_group = False
@@ -682,6 +688,8 @@ def _train(graph, spec_name, data, epochs, batch_size, lr, seed, out, progress, 
 # ---------------------------------------------------------------------------- command line
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register `vitdsl train` on an argparse subparsers object."""
+    from .cli import path_arg
+
     p = subparsers.add_parser(
         "train", help="train a spec on a small data set (digits or an image folder)",
         description="Train a spec on a small image-classification data set on CPU: AdamW with a cosine "
@@ -695,8 +703,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                "have as many classes as the data. Example: vitdsl train specs/digits_vit.vit -o "
                "build/digits_vit.safetensors",
     )
-    p.add_argument("spec", metavar="SPEC", help="path to a .vit file")
-    p.add_argument("--data", default="digits", metavar="digits|PATH", help="the data set (default: digits)")
+    p.add_argument("spec", metavar="SPEC", type=path_arg, help="path to a .vit file")
+    p.add_argument("--data", default="digits", type=path_arg, metavar="digits|PATH", help="the data set (default: digits)")
     p.add_argument("--epochs", type=int, default=30, metavar="N", help="passes over the train split (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="global batch size, divided between the processes under torchrun (default: %(default)s)")
@@ -708,7 +716,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--augment", type=int, default=None, metavar="PX",
                    help="random shifts of up to PX pixels (default: 1/16 of the image side; 0 turns them off)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the initialisation, the data order and the shifts (default: 0)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors",
+    p.add_argument("-o", "--output", required=True, type=path_arg, metavar="OUT.safetensors",
                    help="weights to write; the metrics go to OUT.json beside them")
     p.add_argument("--test-fraction", type=float, default=TEST_FRACTION, metavar="F",
                    help="held-out share of every class when the data has no test/ folder: a fixed, nested "
@@ -717,7 +725,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                    help="cross-validation: hold out the K-th block of that share instead of the first; the "
                         "floor(1/F) folds hold out disjoint images (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps (smoke tests)")
-    p.add_argument("--replica-checksums", metavar="DIR",
+    p.add_argument("--replica-checksums", type=path_arg, metavar="DIR",
                    help="every process writes DIR/rank<R>.json with the sha256 of its parameters "
                         "(to check that data-parallel replicas agree)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
