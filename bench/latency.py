@@ -5,7 +5,7 @@ and timm builds the same architecture (timm.create_model, no pretrained download
 timm's weights are copied into the vitdsl module with
 vitdsl.interop.timm.convert_state_dict (load_state_dict strict=True), the vitdsl model
 is prepared for CPU inference with vitdsl.ops.linear.prepack (linear weights packed
-once for oneDNN; opt-in, like torch.jit.freeze), and the outputs are checked to agree.
+once; opt-in, like torch.jit.freeze), and the outputs are checked to agree.
 Both models run in this one process, in eval mode, under torch.inference_mode, on the
 same input tensor.
 
@@ -15,9 +15,10 @@ phases of a shared machine hit both alike.  Reported: median ms of each, the rat
 the medians vitdsl/timm with a bootstrap 95% interval, and the median of the per-pair
 ratios.  Target: vitdsl/timm <= 1.00.  Also, under torch.profiler, the self CPU time
 of all aten and mkldnn ops per forward (batch 1) of each model: the kernel work without
-the Python between kernels, and which ops each runs.  vitdsl's linear layers run
-oneDNN's linear on a weight packed once (vitdsl.ops.linear.prepack) where timm calls
-aten::addmm, so the logits agree to rounding (about 1e-6), not bit for bit.
+the Python between kernels, and which ops each runs.  vitdsl's linear layers run on a
+weight packed once (vitdsl.ops.linear.prepack: oneDNN's linear with two or more
+threads, MKL's packed GEMM with one) where timm calls aten::addmm, so the logits agree
+to rounding (about 1e-6), not necessarily bit for bit.
 
 torch's intra-op thread count is set explicitly (--threads, default: the cores this
 process may use, then 1) and reported; inter-op threads are set to 1.  On a busy
@@ -52,7 +53,7 @@ def build_pair(name: str):
     ours = vitdsl.compile(g)
     theirs = timm.create_model(name, pretrained=False)
     ours.load_state_dict(convert_state_dict(g, theirs.state_dict()), strict=True)
-    prepack(ours)  # vitdsl's CPU inference preparation: linear weights packed once for oneDNN
+    prepack(ours)  # vitdsl's CPU inference preparation: linear weights packed once (oneDNN / MKL)
     ours.eval()
     theirs.eval()
     with torch.inference_mode():
@@ -102,7 +103,7 @@ def op_profile(ours, theirs, batch: int = 1, runs: int = 10) -> tuple[dict, dict
             for k in ((0, 1) if i % 2 == 0 else (1, 0)):
                 with profile(activities=[ProfilerActivity.CPU]) as p:
                     (ours, theirs)[k](x)
-                ev = [e for e in p.key_averages() if e.key.startswith(("aten::", "mkldnn::"))]
+                ev = [e for e in p.key_averages() if e.key.startswith(("aten::", "mkldnn::", "mkl::"))]
                 counts[k] = {e.key: e.count for e in ev}
                 self_ms[k] += sum(e.self_cpu_time_total for e in ev) / 1000 / runs
     return counts[0], counts[1], self_ms[0], self_ms[1]
@@ -184,7 +185,8 @@ def main(argv=None) -> int:
                    "mean self CPU time of all aten and mkldnn ops per forward, vitdsl vs timm: "
                    + "; ".join(f"{n}: {a:.1f} ms vs {b:.1f} ms ({a / b:.3f})" for n, (a, b) in optime.items())
                    + ". The kernels differ where listed below: vitdsl's linear layers run oneDNN on a weight packed once "
-                     "(mkldnn::_linear_pointwise, no aten::addmm / aten::copy_ of the bias), its residual sums and GELU run "
+                     "(mkldnn::_linear_pointwise, no aten::addmm / aten::copy_ of the bias; with one thread MKL's GEMM "
+                     "on a weight packed once per row count, mkl::_mkl_linear), its residual sums and GELU run "
                      "in place; this figure excludes the "
                      "Python between kernels but is itself noisy (with several threads, time spent waiting on each other "
                      "counts).")

@@ -1,4 +1,4 @@
-"""`prepack` (vitdsl.ops.linear): opt-in; the packed CPU path is taken in gradient-free
+"""`prepack` (vitdsl.ops.linear): opt-in; the packed CPU paths are taken in gradient-free
 float32 CPU inference only, equals F.linear up to rounding, is rebuilt when the weight
 changes, is never seen by graph capture, copies, pickles or quantization, and `unpack`
 undoes it.  Cases from an independent review are marked (review)."""
@@ -18,6 +18,7 @@ from vitdsl.ops.linear import packed_path_allowed, prepack, unpack
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
 PACKED = "mkldnn._linear_pointwise"
+MKL = "mkl._mkl_linear"
 
 
 class Calls(torch.utils._python_dispatch.TorchDispatchMode):
@@ -34,7 +35,7 @@ class Calls(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.fixture(autouse=True)
 def two_threads():
-    """The packed path is for two or more intra-op threads (one thread: F.linear)."""
+    """oneDNN's packed path is for two or more intra-op threads (one: MKL's, tested below)."""
     n = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -106,8 +107,6 @@ def test_autograd_and_other_inputs_take_plain_f_linear():
         with torch.inference_mode():
             frozen = layer()  # created in inference mode: no version counter to watch
         assert not packed_path_allowed(frozen, x, frozen.weight)
-        torch.set_num_threads(1)
-        assert not packed_path_allowed(lin, x, lin.weight)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -239,3 +238,61 @@ def test_flop_counter_sees_the_packed_op():
         assert PACKED in ops_of(lambda: lin(x))
         lin(x)
     assert fc.get_total_flops() == 2 * (2 * 7) * 48 * 80 * 2  # two forwards of 2·M·K·N
+
+
+needs_mkl = pytest.mark.skipif(not (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")),
+                               reason="needs MKL")
+
+
+@needs_mkl
+@pytest.mark.parametrize("shape", [(5, 48), (2, 7, 48), (2, 3, 4, 48)])
+def test_one_thread_takes_mkls_packed_gemm(shape):
+    """One intra-op thread: MKL's GEMM on a weight packed for the input's row count
+    (oneDNN is not faster there); two: oneDNN."""
+    lin, x = layer(), torch.randn(*shape)
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        ops = ops_of(lambda: lin(x))
+        assert MKL in ops and PACKED not in ops and "aten.addmm" not in ops
+        got = lin(x)
+    assert got.shape == (*shape[:-1], 80)
+    close(got, plain(lin, x))
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        assert PACKED in ops_of(lambda: lin(x))
+
+
+@needs_mkl
+def test_mkl_copies_follow_the_row_count_and_the_weight():
+    from vitdsl.ops.linear import _MKL_CACHE, MKL_SHAPES
+
+    lin = layer()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        for rows in range(1, MKL_SHAPES + 3):  # more row counts than copies kept
+            x = torch.randn(rows, 48)
+            close(lin(x), plain(lin, x))
+        assert sorted(_MKL_CACHE[lin][2]) == list(range(3, MKL_SHAPES + 3))  # the oldest went first
+        lin.weight.mul_(2)  # in place: every copy is stale
+        x = torch.randn(3, 48)
+        close(lin(x), plain(lin, x))
+        assert list(_MKL_CACHE[lin][2]) == [3]
+        empty = torch.randn(0, 48)
+        assert lin(empty).shape == (0, 80)  # no rows: F.linear
+    assert unpack(lin) == 1 and lin not in _MKL_CACHE
+
+
+@needs_mkl
+def test_a_whole_model_on_one_thread_matches_f_linear():
+    m, x = tiny_vit()
+    ref_model, _ = tiny_vit()
+    torch.set_num_threads(1)
+    prepack(m)
+    with torch.inference_mode():
+        assert MKL in ops_of(lambda: m(x))
+        close(m(x), ref_model(x))
+    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
+        m(x)
+    with torch.no_grad(), torch.utils.flop_counter.FlopCounterMode(display=False) as fr:
+        ref_model(x)
+    assert fc.get_total_flops() == fr.get_total_flops()

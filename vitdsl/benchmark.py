@@ -539,8 +539,8 @@ def render_report(rep: dict[str, Any]) -> str:
              + ("" if not ratios else ", interleaved; vitdsl/timm = ratio of median times (<= 1.00: vitdsl at least as fast)")
              + f"; {unit} from the graph's MACs (2 FLOPs per MAC)."]
     if rep.get("prepacked"):
-        notes.append("vitdsl's linear layers ran on weights packed once for oneDNN (vitdsl.ops.linear.prepack, "
-                     "used with 2+ threads); --no-prepack times them unpacked.")
+        notes.append("vitdsl's linear layers ran on weights packed once (vitdsl.ops.linear.prepack: oneDNN with "
+                     "2+ threads, MKL's packed GEMM with 1); --no-prepack times them unpacked.")
     if peak:
         notes.append(f"% peak: of the dense {rep['dtype']} tensor-core peak of the {dev['peak_matched_as']} "
                      f"({dev['peak_tflops']:g} TFLOP/s, vendor datasheet).")

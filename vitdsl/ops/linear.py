@@ -5,14 +5,17 @@ blocked layout on every call and first writes the bias into the output, one more
 over it.  oneDNN's linear takes a weight reordered once into its own layout and adds
 the bias inside the GEMM.  The linear layers are about 80 % of a ViT forward; on a
 2-core CPU with 2 threads the prepacked ViT-S/B runs at 0.83-0.95 of timm's time
-(bench/latency.py, docs/benchmarks.md).  With one intra-op thread MKL's sgemm behind
-F.linear was as fast or up to 5 % faster in repeated runs, so the packed path is taken
-only with two or more threads (torch.get_num_threads()).
+(bench/latency.py, docs/benchmarks.md).  With one intra-op thread oneDNN was as slow
+as F.linear or up to 5 % slower, while MKL's own packed GEMM (the weight packed once
+per row count M = batch x tokens, torch.ops.mkl._mkl_linear, what torch.jit.freeze and
+inductor use on the CPU) was 1-4 % faster than F.linear on ViT-S/B and gives the same
+numbers as F.linear's sgemm: with one thread that path is taken (a few packed copies,
+one per row count seen, at most MKL_SHAPES; torch.get_num_threads() decides per call).
 
 Opt-in, like torch.jit.freeze: `prepack(model)` gives each `nn.Linear` (exact type)
 an instance-level forward; the modules, their parameters and state_dict keys stay what
 they were.  A prepacked layer uses the packed weight only where nothing but the clock
-and float rounding (about 1e-6) can tell, with two or more intra-op threads: gradients
+and float rounding (about 1e-6) can tell: gradients
 off (no_grad / inference_mode), no autocast, no forward-mode AD level, not while
 torch.compile, torch.export, the ONNX exporter or torch.jit trace the module, a float32
 contiguous (non-nested) CPU input, a float32 CPU weight that is not an inference tensor
@@ -39,6 +42,8 @@ from torch.nn.utils import parametrize
 from .inplace import graph_capture_active
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_MKL_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+MKL_SHAPES = 4  # packed MKL copies kept per layer (one per row count; the oldest goes first)
 
 
 def _fwd_ad_active() -> bool:
@@ -65,7 +70,7 @@ def packed_path_allowed(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor)
     if graph_capture_active():
         return False
     b = layer.bias
-    return (torch.get_num_threads() > 1 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and not _fwd_ad_active()
             and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 2 and type(x) is torch.Tensor
             and not x.is_nested and not x.is_mkldnn and not _wrapped(x) and x.is_contiguous()
@@ -73,6 +78,10 @@ def packed_path_allowed(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor)
             and (b is None or (b.dtype == torch.float32 and b.device.type == "cpu" and b.is_contiguous()
                                and tuple(b.shape) == (weight.shape[0],)))
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def _mkl_available() -> bool:
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
 def _packed(layer: nn.Linear, weight: torch.Tensor) -> torch.Tensor:
@@ -88,12 +97,36 @@ def _packed(layer: nn.Linear, weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def _mkl_packed(layer: nn.Linear, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """MKL's packed copy of `weight` for `rows` input rows; all of a layer's copies are
+    dropped when the weight changes (the same test as `_packed`)."""
+    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    hit = _MKL_CACHE.get(layer)
+    if hit is None or hit[0] != key or hit[1]() is not weight:
+        hit = (key, weakref.ref(weight), {})
+        _MKL_CACHE[layer] = hit
+    packs = hit[2]
+    packed = packs.get(rows)
+    if packed is None:
+        if len(packs) >= MKL_SHAPES:
+            packs.pop(next(iter(packs)))
+        with torch.no_grad():
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+        packs[rows] = packed
+    return packed
+
+
 def forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A prepacked layer's forward (bound with functools.partial, so that copies and
-    pickles of the model keep it, bound to their own layer)."""
+    pickles of the model keep it, bound to their own layer): oneDNN with two or more
+    intra-op threads, MKL's packed GEMM with one."""
     weight = layer.weight  # read once: a parametrization computes a new tensor per access
     if packed_path_allowed(layer, x, weight):
-        return torch.ops.mkldnn._linear_pointwise(x, _packed(layer, weight), layer.bias, "none", [], "")
+        if torch.get_num_threads() > 1:
+            return torch.ops.mkldnn._linear_pointwise(x, _packed(layer, weight), layer.bias, "none", [], "")
+        rows = x.numel() // x.shape[-1]
+        if rows > 0 and _mkl_available():
+            return torch.ops.mkl._mkl_linear(x, _mkl_packed(layer, weight, rows), weight, layer.bias, rows)
     return F.linear(x, weight, layer.bias)
 
 
@@ -108,6 +141,7 @@ def prepack(model: nn.Module) -> int:
         if type(m) is nn.Linear:
             m.forward = functools.partial(forward, m)
             _CACHE.pop(m, None)
+            _MKL_CACHE.pop(m, None)
             if _packable(m.weight):
                 _packed(m, m.weight)
             n += 1
@@ -121,26 +155,31 @@ def unpack(model: nn.Module) -> int:
         if isinstance(m.__dict__.get("forward"), functools.partial) and m.__dict__["forward"].func is forward:
             del m.__dict__["forward"]
             _CACHE.pop(m, None)
+            _MKL_CACHE.pop(m, None)
             n += 1
     return n
 
 
 def _register_flops() -> None:
-    """torch.utils.flop_counter counts aten.addmm; teach it the packed op too, so that a
+    """torch.utils.flop_counter counts aten.addmm; teach it the packed ops too, so that a
     FlopCounterMode over a prepacked forward sees the same 2·M·N·K per layer."""
     try:
         from torch.utils.flop_counter import register_flop_formula
-
-        op = torch.ops.mkldnn._linear_pointwise
-    except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - no oneDNN build
+    except ImportError:  # pragma: no cover - older torch
         return
 
-    @register_flop_formula(op)
     def _linear_flop(x_shape, *args, out_shape=None, **kwargs) -> int:
         n = 1
         for d in out_shape:
             n *= d
         return 2 * n * x_shape[-1]
+
+    for path in (("mkldnn", "_linear_pointwise"), ("mkl", "_mkl_linear")):
+        try:
+            op = getattr(getattr(torch.ops, path[0]), path[1])
+        except (AttributeError, RuntimeError):  # pragma: no cover - a build without it
+            continue
+        register_flop_formula(op)(_linear_flop)
 
 
 _register_flops()
