@@ -508,7 +508,7 @@ def doc_body(results: dict, checks: list[dict], timing: dict | None, n_calib: in
     if timing is not None:
         lines += [f"#### `{VIT_SMALL}`: mptq calibration time", "",
                   "Random-init weights (seed 0), the first 32 digits upsampled (bilinear) to 3x224x224; the whole "
-                  "command in a fresh interpreter (import, load, SQ-b, range search, report, writing the outputs):", "",
+                  "command in a fresh interpreter (import, load, SQ-b, range search, GPTQ rounding, report, writing the outputs):", "",
                   "```", f"OMP_NUM_THREADS={timing['threads']} {timing['command']}", "```", "",
                   C.table(["layers", "images", "bits", "threads", "wall s", "CPU s", "target", "load at start / end"],
                           [[timing["layers"], timing["images"], timing["bits"], timing["threads"],
