@@ -8,9 +8,10 @@ the bias inside the GEMM.  The linear layers are about 80 % of a ViT forward; on
 (bench/latency.py, docs/benchmarks.md).  With one intra-op thread oneDNN was as slow
 as F.linear or up to 5 % slower, while MKL's own packed GEMM (the weight packed once
 per row count M = batch x tokens, torch.ops.mkl._mkl_linear, what torch.jit.freeze and
-inductor use on the CPU) was 1-4 % faster than F.linear on ViT-S/B and gives the same
-numbers as F.linear's sgemm: with one thread that path is taken (a few packed copies,
-one per row count seen, at most MKL_SHAPES; torch.get_num_threads() decides per call).
+inductor use on the CPU) gives F.linear's numbers and was about 3 % faster on ViT-B's
+layers, level on ViT-S's (interleaved, one thread, 197 rows; whole ViT-B batch 1 against
+timm 0.998 -> 0.975): with one thread that path is taken (a few packed copies, one per
+row count seen, at most MKL_SHAPES; torch.get_num_threads() decides per call).
 
 Opt-in, like torch.jit.freeze: `prepack(model)` gives each `nn.Linear` (exact type)
 an instance-level forward; the modules, their parameters and state_dict keys stay what
