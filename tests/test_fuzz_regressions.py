@@ -264,16 +264,18 @@ def test_an_empty_output_is_refused_by_the_python_api(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def test_an_unwritable_replica_checksum_directory_is_refused_before_training(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["under-a-file", "/proc"])
+def test_an_unwritable_replica_checksum_directory_is_refused_before_training(tmp_path, capsys, where):
     """It was created after the last epoch: a whole training lost, and the error said only
-    'No such file or directory'."""
+    'No such file or directory'.  An existing directory that takes no files (review) too."""
     p = _spec(tmp_path, TINY)
     blocker = tmp_path / "file"
     blocker.write_text("")
+    sums = str(blocker / "sums") if where == "under-a-file" else where
     out = tmp_path / "t.safetensors"
-    assert main(["train", str(p), "--epochs", "1", "-q", "--replica-checksums", str(blocker / "sums"), "-o", str(out)]) == 1
+    assert main(["train", str(p), "--epochs", "1", "-q", "--replica-checksums", sums, "-o", str(out)]) == 1
     err = _error(capsys).strip()
-    assert err.startswith(f"{blocker / 'sums'}:1:1: error: cannot create the replica checksum directory: ")
+    assert err.startswith(f"{sums}:1:1: error: cannot write to the replica checksum directory: ")
     assert not out.exists() and not (tmp_path / "t.json").exists()
 
 

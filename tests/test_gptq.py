@@ -110,3 +110,23 @@ def test_gptq_is_refused_where_the_other_half_of_the_images_says_it_overfits():
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     cal, changed = _calibrated(images, sequential=True)
     assert "patch_embed.proj" not in changed
+
+
+def test_the_guard_splits_by_image_where_windows_fold_into_the_batch():  # (review)
+    """Windowed attention runs its layers on (images x windows) rows: the halves must be
+    images, so one calibration image is nothing to cross-check on (GPTQ refused)."""
+    from vitdsl.quant.quantize import with_bits
+
+    g = vitdsl.load("specs/digits_hybrid.vit")
+    qg = with_bits(g, [("default", "w4a8")])
+    state = vitdsl.compile(g, seed=0).state_dict()
+    for n_images, expect_any in ((1, False), (16, True)):
+        m = vitdsl.compile(qg)
+        m.load_state_dict(state, strict=False)
+        images = torch.randn(n_images, *g.input.out.shape, generator=torch.Generator().manual_seed(0))
+        cal = LayerCalibrator(m, images, sequential=True)
+        cal.calibrate_all()
+        changed = [n for n, layer in cal.layers.items() if not torch.equal(layer.weight, state[n + ".weight"])]
+        assert bool(changed) == expect_any, changed
+        if expect_any:
+            assert any(".attn.qkv" in n for n in changed)  # a windowed layer, split by image

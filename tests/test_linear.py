@@ -272,7 +272,8 @@ def test_mkl_copies_follow_the_row_count_and_the_weight():
         for rows in range(1, MKL_SHAPES + 3):  # more row counts than copies kept
             x = torch.randn(rows, 48)
             close(lin(x), plain(lin, x))
-        assert sorted(_MKL_CACHE[lin][2]) == list(range(3, MKL_SHAPES + 3))  # the oldest went first
+            assert (MKL in ops_of(lambda: lin(x))) == (rows <= MKL_SHAPES)  # later ones: F.linear, no repacking
+        assert sorted(_MKL_CACHE[lin][2]) == list(range(1, MKL_SHAPES + 1))
         lin.weight.mul_(2)  # in place: every copy is stale
         x = torch.randn(3, 48)
         close(lin(x), plain(lin, x))
@@ -280,6 +281,44 @@ def test_mkl_copies_follow_the_row_count_and_the_weight():
         empty = torch.randn(0, 48)
         assert lin(empty).shape == (0, 80)  # no rows: F.linear
     assert unpack(lin) == 1 and lin not in _MKL_CACHE
+
+
+@needs_mkl
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("width", [47, 96, 0])
+def test_a_wrong_input_width_is_f_linears_error(threads, width):  # (review)
+    """MKL's op ran a (3, 47) input against a 48-wide weight, reading past the input."""
+    lin = layer()
+    torch.set_num_threads(threads)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be multiplied"):
+        lin(torch.randn(3, width))
+
+
+@needs_mkl
+def test_python_threads_share_the_mkl_copies():  # (review)
+    import threading
+
+    from vitdsl.ops.linear import _MKL_CACHE, MKL_SHAPES
+
+    lin = layer()
+    torch.set_num_threads(1)
+    errors = []
+
+    def run(seed):
+        try:
+            with torch.no_grad():
+                for rows in range(1, 9):
+                    x = torch.randn(rows + seed % 3, 48)
+                    close(lin(x), plain(lin, x))
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == [] and len(_MKL_CACHE[lin][2]) == MKL_SHAPES
 
 
 @needs_mkl

@@ -509,11 +509,14 @@ def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size
         spec_name = os.fspath(spec_path_or_graph)
         graph = load(spec_name, **({"max_params": max_params} if max_params is not None else {}))
     out = _check_output(out) if out is not None else None
-    if checksum_dir is not None:  # made now: an unwritable directory must not cost a whole training
+    if checksum_dir is not None:  # made and tried now: an unwritable directory must not cost a whole training
         try:
             os.makedirs(checksum_dir, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".vitdsl-probe-", dir=checksum_dir)
+            os.close(fd)
+            os.unlink(probe)
         except OSError as e:
-            raise SpecError(f"cannot create the replica checksum directory: {e.strerror or e}",
+            raise SpecError(f"cannot write to the replica checksum directory: {e.strerror or e}",
                             filename=checksum_dir) from None
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -11,7 +11,8 @@ per row count M = batch x tokens, torch.ops.mkl._mkl_linear, what torch.jit.free
 inductor use on the CPU) gives F.linear's numbers and was about 3 % faster on ViT-B's
 layers, level on ViT-S's (interleaved, one thread, 197 rows; whole ViT-B batch 1 against
 timm 0.998 -> 0.975): with one thread that path is taken (a few packed copies, one per
-row count seen, at most MKL_SHAPES; torch.get_num_threads() decides per call).
+row count, for the first MKL_SHAPES row counts seen; torch.get_num_threads() decides
+per call).
 
 Opt-in, like torch.jit.freeze: `prepack(model)` gives each `nn.Linear` (exact type)
 an instance-level forward; the modules, their parameters and state_dict keys stay what
@@ -33,6 +34,7 @@ again (it repacks) or `unpack` after such changes.
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 
 import torch
@@ -44,7 +46,8 @@ from .inplace import graph_capture_active
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _MKL_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-MKL_SHAPES = 4  # packed MKL copies kept per layer (one per row count; the oldest goes first)
+MKL_SHAPES = 4  # packed MKL copies per layer (one per row count); further row counts run F.linear
+_MKL_LOCK = threading.Lock()  # the copies are shared by every Python thread running the model
 
 
 def _fwd_ad_active() -> bool:
@@ -74,6 +77,7 @@ def packed_path_allowed(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor)
     return (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and not _fwd_ad_active()
             and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() >= 2 and type(x) is torch.Tensor
+            and x.shape[-1] == weight.shape[-1]  # else F.linear says what is wrong (MKL's op would not)
             and not x.is_nested and not x.is_mkldnn and not _wrapped(x) and x.is_contiguous()
             and _packable(weight) and not parametrize.is_parametrized(layer)
             and (b is None or (b.dtype == torch.float32 and b.device.type == "cpu" and b.is_contiguous()
@@ -98,23 +102,24 @@ def _packed(layer: nn.Linear, weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def _mkl_packed(layer: nn.Linear, weight: torch.Tensor, rows: int) -> torch.Tensor:
-    """MKL's packed copy of `weight` for `rows` input rows; all of a layer's copies are
-    dropped when the weight changes (the same test as `_packed`)."""
+def _mkl_packed(layer: nn.Linear, weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """MKL's packed copy of `weight` for `rows` input rows, or None when the layer
+    already holds MKL_SHAPES copies for other row counts (packing on every call would
+    cost more than it saves).  All of a layer's copies are dropped when the weight
+    changes (the same test as `_packed`)."""
     key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-    hit = _MKL_CACHE.get(layer)
-    if hit is None or hit[0] != key or hit[1]() is not weight:
-        hit = (key, weakref.ref(weight), {})
-        _MKL_CACHE[layer] = hit
-    packs = hit[2]
-    packed = packs.get(rows)
-    if packed is None:
-        if len(packs) >= MKL_SHAPES:
-            packs.pop(next(iter(packs)))
-        with torch.no_grad():
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
-        packs[rows] = packed
-    return packed
+    with _MKL_LOCK:
+        hit = _MKL_CACHE.get(layer)
+        if hit is None or hit[0] != key or hit[1]() is not weight:
+            hit = (key, weakref.ref(weight), {})
+            _MKL_CACHE[layer] = hit
+        packs = hit[2]
+        packed = packs.get(rows)
+        if packed is None and len(packs) < MKL_SHAPES:
+            with torch.no_grad():
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+            packs[rows] = packed
+        return packed
 
 
 def forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -125,9 +130,10 @@ def forward(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if packed_path_allowed(layer, x, weight):
         if torch.get_num_threads() > 1:
             return torch.ops.mkldnn._linear_pointwise(x, _packed(layer, weight), layer.bias, "none", [], "")
-        rows = x.numel() // x.shape[-1]
-        if rows > 0 and _mkl_available():
-            return torch.ops.mkl._mkl_linear(x, _mkl_packed(layer, weight, rows), weight, layer.bias, rows)
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        packed = _mkl_packed(layer, weight, rows) if rows > 0 and _mkl_available() else None
+        if packed is not None:
+            return torch.ops.mkl._mkl_linear(x, packed, weight, layer.bias, rows)
     return F.linear(x, weight, layer.bias)
 
 

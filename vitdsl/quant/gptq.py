@@ -24,13 +24,21 @@ DAMP = 0.01  # λ: fraction of the mean diagonal of H added to it (§4)
 BLOCK = 128  # columns per lazy batch update (§4, "Step 2")
 
 
+def can_round(layer: torch.nn.Module) -> bool:
+    """Whether the layer's weight is one matrix applied to rows of its input: a linear
+    layer, or a conv with one group and plain zero padding (not a grouped/depthwise conv)."""
+    if isinstance(layer, torch.nn.Conv2d):
+        return layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+    return isinstance(layer, torch.nn.Linear)
+
+
 def input_rows(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The rows X (one per output position) that the layer's flattened weight multiplies:
     a linear layer's inputs, or a conv's unfolded patches (channel-major, the order of
-    `weight.flatten(1)`).  None for a grouped conv (its weight is not one matrix)."""
+    `weight.flatten(1)`).  None where `can_round` says no."""
+    if not can_round(layer):
+        return None
     if isinstance(layer, torch.nn.Conv2d):
-        if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            return None
         cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
     return x.reshape(-1, x.shape[-1])

@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fake import AttnQuant, FakeQuant, QuantConv2d, QuantLinear, attn_quant_of
-from .gptq import input_rows, quantize_columns
+from .gptq import can_round, input_rows, quantize_columns
 
 # Clipping factors of the observed range: 0.3 .. 0.9 by 0.1, then finer towards 1.0, where
 # the optimum lies at high widths (a step from 1.0 straight to 0.9 clips more than 8 bits want).
@@ -157,7 +157,7 @@ class LayerCalibrator:
 
                     x = _pool(x, mod.pool, mod.prefix)
                 self.ranges[n] = (x.min(), x.max())
-                if self._keep_whole:
+                if self._keep_whole and can_round(mod):
                     self.whole_inputs[n] = x.clone()
                 if isinstance(mod, QuantConv2d):
                     self.inputs[n] = images_of(x).clone()
@@ -377,13 +377,19 @@ class LayerCalibrator:
         fitted on every image (on the grid: the weight quantizer leaves it as it is).
         Returns whether it was."""
         whole = self.whole_inputs.pop(name, None)
-        if whole is None or whole.shape[0] < 2:
+        nimg = self.data.shape[0]
+        # dim 0 is image-major: images, or images x windows / patch positions (windowed
+        # attention and MobileViT fold those into the batch)
+        if whole is None or nimg < 2 or whole.shape[0] % nimg:
             return False
+        even = (torch.arange(whole.shape[0]) // (whole.shape[0] // nimg)) % 2 == 0
         xq = m.input_quant(whole)
-        parts = [input_rows(m, xq[i::2]) for i in (0, 1)]
-        if parts[0] is None:
-            return False
-        hs = [r.T @ r for r in parts]
+        del whole
+        hs = []
+        for part in (xq[even], xq[~even]):
+            rows = input_rows(m, part)
+            hs.append(rows.T @ rows)
+        del xq
         wq_ = m.weight_quant
         w = m.weight.flatten(1)
         near = wq_(m.weight).flatten(1)
