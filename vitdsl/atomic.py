@@ -40,6 +40,14 @@ def writable_parent(path: str, what: str = "output") -> str:
     return probe
 
 
+def probe_write(directory: str) -> None:
+    """Create and remove a file in `directory`: the only sure test that files can be
+    written there (permissions, read-only mounts, /proc); raises the OSError if not."""
+    fd, tmp = tempfile.mkstemp(prefix=".vitdsl-probe-", dir=directory)
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def _as_given(e: OSError, staged: str, given: str) -> OSError:
     """`e` naming the path the user gave instead of the temporary one vitdsl wrote first
     (removed on error, so naming it would point the user at nothing)."""

@@ -61,7 +61,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .atomic import writable_parent
+from .atomic import probe_write, writable_parent
 from .errors import SpecError
 
 SPLIT_SEED = 0
@@ -399,10 +399,8 @@ def _check_output(out: str) -> str:
     if os.path.isdir(out):
         raise SpecError("output is a directory; give a file name ending in .safetensors", filename=out)
     probe = writable_parent(out)
-    try:  # the only sure test: create (and remove) a file where the outputs will go
-        fd, tmp = tempfile.mkstemp(prefix=".vitdsl-probe-", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
+    try:
+        probe_write(probe)
     except OSError as e:
         raise SpecError(f"cannot write to {probe}: {e.strerror or e}", filename=out) from None
     for path in (out, out[: -len(".safetensors")] + ".json"):
@@ -512,9 +510,7 @@ def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size
     if checksum_dir is not None:  # made and tried now: an unwritable directory must not cost a whole training
         try:
             os.makedirs(checksum_dir, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".vitdsl-probe-", dir=checksum_dir)
-            os.close(fd)
-            os.unlink(probe)
+            probe_write(checksum_dir)
         except OSError as e:
             raise SpecError(f"cannot write to the replica checksum directory: {e.strerror or e}",
                             filename=checksum_dir) from None

@@ -89,16 +89,25 @@ def _mkl_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
+def _made_from(hit: tuple | None, weight: torch.Tensor) -> bool:
+    """Whether a cache entry (key, weak reference, copies) was made from this very
+    tensor object at this address and version (else its copies are stale)."""
+    return (hit is not None and hit[0] == (weight.data_ptr(), weight._version, tuple(weight.shape))
+            and hit[1]() is weight)
+
+
+def _entry(weight: torch.Tensor, copies) -> tuple:
+    return ((weight.data_ptr(), weight._version, tuple(weight.shape)), weakref.ref(weight), copies)
+
+
 def _packed(layer: nn.Linear, weight: torch.Tensor) -> torch.Tensor:
-    """The packed copy of `weight`, rebuilt unless it was made from this very tensor
-    object at this address and version."""
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    """The packed copy of `weight`, rebuilt unless `_made_from` it."""
     hit = _CACHE.get(layer)
-    if hit is not None and hit[0] == key and hit[1]() is weight:
+    if _made_from(hit, weight):
         return hit[2]
     with torch.no_grad():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-    _CACHE[layer] = (key, weakref.ref(weight), packed)
+    _CACHE[layer] = _entry(weight, packed)
     return packed
 
 
@@ -106,13 +115,11 @@ def _mkl_packed(layer: nn.Linear, weight: torch.Tensor, rows: int) -> torch.Tens
     """MKL's packed copy of `weight` for `rows` input rows, or None when the layer
     already holds MKL_SHAPES copies for other row counts (packing on every call would
     cost more than it saves).  All of a layer's copies are dropped when the weight
-    changes (the same test as `_packed`)."""
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    changes (`_made_from`, as for `_packed`)."""
     with _MKL_LOCK:
         hit = _MKL_CACHE.get(layer)
-        if hit is None or hit[0] != key or hit[1]() is not weight:
-            hit = (key, weakref.ref(weight), {})
-            _MKL_CACHE[layer] = hit
+        if not _made_from(hit, weight):
+            hit = _MKL_CACHE[layer] = _entry(weight, {})
         packs = hit[2]
         packed = packs.get(rows)
         if packed is None and len(packs) < MKL_SHAPES:
