@@ -85,3 +85,15 @@ def test_pooled_folds_equal_one_evaluation_over_all_their_images():
         assert cell["kl"] == pytest.approx(want_kl)
     # the pooled cells feed the same target checks as one fold's
     assert {c["target"] for c in quant_table.check("s, 3 folds pooled", p)} >= {"mptq KL < minmax KL at every setting"}
+
+
+def test_the_training_cache_is_keyed_by_the_files_training_runs():
+    """The cached digits models are stale when code training runs changes (the model's
+    ops, the training loop, the fake-quant check it calls), not when a calibration method
+    or the CLI does: those never touch the trained weights."""
+    files = {os.path.relpath(p, ROOT) for p in quant_table.training_files()}
+    for used in ("vitdsl/train.py", "vitdsl/ops/attention.py", "vitdsl/ops/conv.py", "vitdsl/builder.py",
+                 "vitdsl/quant/fake.py"):
+        assert used in files
+    for unused in ("vitdsl/quant/mptq.py", "vitdsl/quant/gptq.py", "vitdsl/quant/mixed.py", "vitdsl/cli.py"):
+        assert unused not in files
