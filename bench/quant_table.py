@@ -543,10 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="models (default: both)")
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, metavar="ROW",
                     help=f"rows to run (default: all: {', '.join(ROWS)})")
-    # 256: a digits image is only 5 tokens in digits_vit (16 in digits_hybrid's second
-    # stage), so 64 images gave GPTQ's H = X^T X 320 rows for fc2's 128 inputs; 256 give
-    # 1280 (ViT-S's 32 images at 224x224 give 6304).
-    ap.add_argument("--calib", type=int, default=256, metavar="N", help="calibration images (default: %(default)s)")
+    # 64 digits images are few tokens (5 per image in digits_vit: 320 rows of GPTQ's H for
+    # fc2's 128 inputs); 256 settle two pooled accuracy misses (docs/quantization.md) but the
+    # greedy MP searches grow with the images: about 2.5 h for --folds 5 on 2 cores.
+    ap.add_argument("--calib", type=int, default=64, metavar="N", help="calibration images (default: %(default)s)")
     ap.add_argument("--draws", type=int, default=3, metavar="K",
                     help="independent calibration sets per cell; the table shows the means (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1, metavar="N",

@@ -74,6 +74,7 @@ def test_bits_on_an_op_with_nothing_to_quantize():
     ("w16a8", "weight width 16 in 'w16a8' is outside the supported set 2..8"),
     ("w4a1", "activation width 1 in 'w4a1' is outside the supported set 2..8"),
     ("int8", "unknown bit width 'int8'; write wNaM (e.g. w4a8) or one of fp32, fp16, bf16"),
+    ("w08a8", "write 'w08a8' as 'w8a8' (no leading zeros)"),  # one spelling per width
 ])
 def test_widths_outside_the_supported_set(spec, msg):
     text = with_bits(f"    default {spec}\n")
@@ -126,3 +127,12 @@ def test_check_shows_bits_column_and_summary(tmp_path):
     row = next(l for l in r.stdout.splitlines() if l.startswith("blocks.0.mlp "))
     assert row.split()[-1] == "w4a8"
     assert "bits: weights" in r.stdout and "model size" in r.stdout
+
+
+def test_an_exact_name_beats_a_pattern_with_more_parts():
+    """Exactness comes first: `blocks.1.mlp` (3 parts, exact) beats `blocks.*.mlp.fc1` (4 parts)."""
+    b = bits_of("    default w8a8\n    blocks.*.mlp.fc1 w6a6\n    blocks.1.mlp w4a8\n")
+    assert b["blocks.1.mlp.fc1"] == "w4a8"  # the exact name
+    assert b["blocks.0.mlp.fc1"] == "w6a6"  # only the pattern
+    assert b["blocks.1.attn.qkv"] == "w8a8"
+

@@ -54,6 +54,60 @@ def test_fake_quant_matches_the_formula():
     torch.testing.assert_close(w(weight), torch.clamp(torch.round(weight / s), -127, 127) * s)
 
 
+@pytest.mark.parametrize("kind", ["tensor", "channel", "twin", "unsigned"])
+def test_without_autograd_the_grid_is_the_same_to_the_bit(kind):
+    """Evaluation and calibration run the grid in place (no autograd): the result must be
+    bit for bit the straight-through path's, and the input must be left alone."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 33, generator=g) * 3
+    x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 1e-8])  # ties and a tiny value
+    fq = FakeQuant(4, signed=kind != "unsigned", channels=64 if kind == "channel" else 1)
+    if kind == "channel":
+        fq.set_range(x.min(1).values, x.max(1).values)
+    elif kind == "twin":
+        fq.set_twin(0.4, m=3)
+    else:
+        fq.set_range(torch.tensor([-2.0]), torch.tensor([2.0]))
+    keep = x.clone()
+    with torch.no_grad():
+        fast = fq(x)
+    assert torch.equal(x, keep)
+    slow = fq(x.clone().requires_grad_(True))
+    assert slow.requires_grad and slow.grad_fn is not None
+    assert torch.equal(fast, slow.detach())
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mptq"])
+def test_an_empty_tensor_of_images_is_an_empty_calibration_set(method):
+    _, q = pair("    default w8a8\n")
+    with pytest.raises(ValueError, match="the calibration set is empty"):
+        calibrate(q, torch.empty(0, 3, 32, 32), method=method)
+
+
+def test_mptq_calibration_folds_sqb_first(monkeypatch):
+    """calibrate(method="mptq") runs SQ-b (MPTQ-ViT §3.1) on the calibration images before
+    its searches, and the LayerNorms feeding qkv and fc1 carry the fold afterwards."""
+    import vitdsl.quant.sqb as sqb
+
+    f, q = pair("    default w4a4\n")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    seen = []
+    real = sqb.fold_sqb
+
+    def spy(model, images, *a, **kw):
+        seen.append((model, images))
+        assert all(not m.calibrated for n, m in model.named_modules() if n.endswith("input_quant"))  # first
+        return real(model, images, *a, **kw)
+
+    monkeypatch.setattr(sqb, "fold_sqb", spy)
+    before = {k: v.clone() for k, v in q.state_dict().items() if ".norm" in k}
+    calibrate(q, x, method="mptq")
+    assert len(seen) == 1 and seen[0][0] is q and torch.equal(seen[0][1], x)
+    after = q.state_dict()
+    for k in ("blocks.0.norm1.weight", "blocks.0.norm1.bias", "blocks.1.norm2.weight", "blocks.1.norm2.bias"):
+        assert not torch.equal(before[k], after[k]), k
+
+
 def test_uncalibrated_model_says_what_to_do():
     _, q = pair("    default w8a8\n")
     with pytest.raises(RuntimeError, match="vitdsl.quant.calibrate"):

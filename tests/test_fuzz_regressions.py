@@ -116,7 +116,7 @@ def test_quantize_refuses_non_finite_input(tmp_path, capsys, tiny_weights, case)
     assert main(["quantize", str(spec), "--weights", str(weights), "--calib", str(calib), *width,
                  "--method", "minmax", "-o", str(out), "-q"]) == 1
     err = _error(capsys).strip()
-    want = {"nan_images": "vitdsl: error: calibration images hold NaN or infinite values (1 of",
+    want = {"nan_images": f"{calib}:1:1: error: calibration images hold NaN or infinite values (1 of",
             "inf_weights": f"{weights}:1:1: error: weights hold NaN or infinite values: head.weight",
             "nan_budget": "vitdsl: error: the budget must be a finite average width, got nan",
             "inf_budget": "vitdsl: error: the budget must be a finite average width, got inf"}[case]

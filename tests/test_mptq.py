@@ -57,6 +57,51 @@ def test_greedy_mixed_precision_meets_the_budget(setup):
     assert report[-1]["layer"] == "(logits)" and report[-1]["output_mse"] >= 0
 
 
+def test_greedy_search_reports_the_true_kl_of_each_configuration(setup):
+    """The search's running loss is the current configuration's own KL: it once added
+    cached steps' stale deltas and drifted (a 'KL' below 0 on the digits models)."""
+    from vitdsl.quant.mixed import greedy_mixed_precision
+    from vitdsl.quant.mptq import kl_to_reference
+    from vitdsl.quant.quantize import with_bits
+
+    g, state, images = setup
+    f = vitdsl.compile(g).eval()
+    f.load_state_dict(state)
+    with torch.no_grad():
+        ref = f(images)
+    m8 = vitdsl.compile(with_bits(g, [("default", "w8a8")]))
+    m8.load_state_dict(state, strict=False)
+    calls = []
+    sizes = {q.name: (q.weights, q.act_elems) for q in quant_layers(g)}
+    greedy_mixed_precision(m8, images, ref, 4.5, sizes, progress=lambda *a: calls.append(a), method="minmax")
+    steps = [c for c in calls if " KL " in c[2]]
+    kls = [float(c[2].rsplit("KL ", 1)[1]) for c in steps]
+    assert len(steps) > 5 and min(kls) >= 0
+    assert kls[-1] == pytest.approx(kl_to_reference(m8, images, ref), rel=1e-3)  # printed to 3 digits
+    done = [c[0] for c in calls]
+    assert done == sorted(done) and calls[-1][:2] == (100, 100) and all(c[1] == 100 for c in calls)
+
+
+def test_quantize_reports_progress_for_the_search_then_each_layer(setup):
+    g, state, images = setup
+    calls = []
+    quantize(g, state, images, budget=6.0, method="mptq", progress=lambda *a: calls.append(a))
+    search = [c for c in calls if c[2].startswith("search: ")]
+    calib = [c for c in calls if c[2].startswith("calibrating (mptq): ")]
+    assert len(search) + len(calib) == len(calls) and calls.index(calib[0]) > calls.index(search[-1])
+    assert search[-1][:2] == (100, 100)
+    n = len(quant_layers(g))
+    assert [c[:2] for c in calib] == [(i, n) for i in range(1, n + 1)]
+    assert {c[2].split(": ", 1)[1] for c in calib} == {q.name for q in quant_layers(g)}
+
+
+def test_greedy_mixed_precision_with_minmax_is_deterministic(setup):
+    g, state, images = setup
+    a, _, _ = quantize(g, state, images, budget=5.5, method="minmax")
+    b, _, _ = quantize(g, state, images, budget=5.5, method="minmax")
+    assert a.bits == b.bits and len({str(v) for v in a.bits.values()}) > 1  # a real mixture
+
+
 @pytest.mark.slow
 def test_greedy_mixed_precision_is_deterministic(setup):
     g, state, images = setup
@@ -73,11 +118,42 @@ def test_quantize_bad_input(setup):
         quantize(g, state, images[:, :1], bits="w8a8")
     with pytest.raises(vitdsl.SpecError, match="calibration images have shape|empty"):
         quantize(g, state, images[:0], bits="w8a8")
+    with pytest.raises(vitdsl.SpecError, match="calibration set is empty") as info:
+        quantize(g, state, images[:0], bits="w8a8", images_name="c.pt")
+    assert info.value.filename == "c.pt"  # the diagnostic names the --calib file
+    with pytest.raises(vitdsl.SpecError, match="keeps every layer in floating point: there is nothing to calibrate"):
+        quantize(g, state, images, bits="fp16")
     bad = dict(state)
     bad.pop("head.weight")
     bad["stray.tensor"] = torch.zeros(1)
     with pytest.raises(vitdsl.SpecError, match="missing head.weight; unexpected stray.tensor"):
         quantize(g, bad, images, bits="w8a8")
+
+
+def test_cli_quantize_refuses_a_foreign_output_directory_before_calibrating(setup, tmp_path):
+    """An -o directory vitdsl did not write is refused up front (it used to be refused
+    only when the outputs were written, after minutes of calibration)."""
+    g, state, images = setup
+    from safetensors.torch import save_file
+
+    (tmp_path / "m.vit").write_text(BASE)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    torch.save(images[:, :1], tmp_path / "calib.pt")  # wrong channels: calibration would fail first
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    r = subprocess.run([sys.executable, "-m", "vitdsl", "quantize", str(tmp_path / "m.vit"), "--weights",
+                        str(tmp_path / "w.safetensors"), "--calib", str(tmp_path / "calib.pt"), "--bits", "w8a8",
+                        "-o", str(tmp_path / "mine")], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "exists and is not a vitdsl output directory" in r.stderr and "calibration images" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.pt", "m.vit", "mine", "w.safetensors"]
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["keep.txt"]
+    # the calibration file's errors name it
+    (tmp_path / "mine" / "keep.txt").unlink()
+    r = subprocess.run([sys.executable, "-m", "vitdsl", "quantize", str(tmp_path / "m.vit"), "--weights",
+                        str(tmp_path / "w.safetensors"), "--calib", str(tmp_path / "calib.pt"), "--bits", "w8a8",
+                        "-o", str(tmp_path / "q")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith(f"{tmp_path / 'calib.pt'}:1:1: error: calibration images have shape")
 
 
 def test_cli_quantize_then_build_gives_the_same_model(setup, tmp_path):

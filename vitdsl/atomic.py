@@ -89,17 +89,23 @@ def write_bytes(path: str, data: bytes) -> None:
 MARKERS = ("manifest.json", "report.json")  # files that identify a directory vitdsl wrote
 
 
-@contextlib.contextmanager
-def staged_dir(out: str) -> Iterator[str]:
-    """Yield a temporary directory beside `out`; on success it replaces `out` whole,
-    on any error it is removed and `out` is left as it was."""
-    given, out = out, os.path.abspath(out)
+def check_replaceable(out: str) -> None:
+    """Refuse an output directory that holds files vitdsl did not write: it is replaced whole."""
+    out = os.path.abspath(out)
     if os.path.isdir(out) and os.listdir(out) and not any(
             os.path.exists(os.path.join(out, m)) for m in MARKERS):
         from .errors import SpecError
 
         raise SpecError(f"{out} exists and is not a vitdsl output directory; choose another -o "
                         "(vitdsl replaces only its own output directories)", filename=out)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str) -> Iterator[str]:
+    """Yield a temporary directory beside `out`; on success it replaces `out` whole,
+    on any error it is removed and `out` is left as it was."""
+    given, out = out, os.path.abspath(out)
+    check_replaceable(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     try:

@@ -558,27 +558,10 @@ def render_report(rep: dict[str, Any]) -> str:
     return "\n".join(lines + notes)
 
 
-class Bar:
-    """A one-line progress bar on stderr (redrawn at most ten times a second)."""
-
-    def __init__(self, enabled: bool, width: int = 24):
-        self.enabled, self.width, self.start, self.last = enabled, width, time.perf_counter(), 0.0
-
-    def __call__(self, done: int, total: int, label: str) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if done < total and now - self.last < 0.1:
-            return
-        self.last = now
-        fill = done * self.width // max(total, 1)
-        print(f"\r\033[K[{'#' * fill:<{self.width}}] {done}/{total} {label[:40]} {now - self.start:5.1f}s",
-              end="" if done < total else "\n", file=sys.stderr, flush=True)
-
-
 def cmd_bench(args) -> int:
     """Measure forward latency and throughput of a spec, against timm's model of the same architecture."""
     from .atomic import write_text
+    from .progress import Bar
 
     rep = run(args.spec, backend=args.backend, batches=_positive(args.batch, "--batch"), dtype=args.dtype,
               device=args.device, warmup=args.warmup, runs=args.runs, threads=args.threads,

@@ -25,7 +25,7 @@ import os
 import platform
 from typing import Callable
 
-from .atomic import staged_dir, writable_parent
+from .atomic import check_replaceable, staged_dir, writable_parent
 from .errors import SpecError
 from .graph import Graph
 
@@ -92,13 +92,15 @@ def parse_batch(text: str) -> tuple[int, int, int]:
 
 def check_writable(out: str) -> None:
     """Refuse before any work when OUT cannot be created: its nearest existing ancestor
-    must be a writable directory (and OUT itself, if it exists, a directory).  An empty
-    OUT is refused: it would resolve to the current directory, which the output replaces."""
+    must be a writable directory (and OUT itself, if it exists, a directory that vitdsl
+    wrote).  An empty OUT is refused: it would resolve to the current directory, which the
+    output replaces."""
     if not out:
         raise SpecError("the output path is empty", filename="-o")
     path = os.path.abspath(out)
     if os.path.exists(path) and not os.path.isdir(path):
         raise SpecError(f"output {out} exists and is not a directory", filename=out)
+    check_replaceable(path)
     writable_parent(out, "output directory")
 
 

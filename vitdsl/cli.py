@@ -247,6 +247,7 @@ def cmd_quantize(args) -> int:
     from safetensors.torch import load_file
 
     from .build import check_writable
+    from .progress import Bar
     from .quant.quantize import load_images, quantize, write_outputs
     from .table import render
 
@@ -257,14 +258,9 @@ def cmd_quantize(args) -> int:
     except Exception as e:  # noqa: BLE001 - unreadable weights are a user error
         raise SpecError(f"cannot read weights: {e}", filename=args.weights) from None
     images = load_images(args.calib, g.input.out.shape, *_trained_split(args.weights))
-    show = not args.quiet and sys.stderr.isatty()
-
-    def progress(msg: str) -> None:
-        if show:
-            print(f"\r\033[K{msg}", end="" if not msg.startswith("calibrating") else "\n", file=sys.stderr, flush=True)
-
     qgraph, qmodel, report = quantize(g, state, images, bits=args.bits, budget=args.budget, method=args.method,
-                                      progress=progress, weights_name=args.weights)
+                                      progress=Bar(not args.quiet and sys.stderr.isatty()), weights_name=args.weights,
+                                      images_name=args.calib)
     files = write_outputs(args.output, qgraph, qmodel, report)
     rows = [[r["layer"], r["bits"], f"{r['output_mse']:.3g}"] for r in report]
     print(render(["layer", "bits", "output MSE (last: KL of logits)"], rows, right={2}))

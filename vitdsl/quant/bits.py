@@ -49,6 +49,8 @@ class BitSpec(BaseModel):
         if not m:
             raise SpecError(f"unknown bit width '{text}'; write wNaM (e.g. w4a8) or one of {', '.join(FLOATS)}", span)
         w, a = int(m.group(1)), int(m.group(2))
+        if text != f"w{w}a{a}":  # one spelling per width, so fmt and diffs see one text
+            raise SpecError(f"write '{text}' as 'w{w}a{a}' (no leading zeros)", span)
         for what, v in (("weight", w), ("activation", a)):
             if v not in WIDTHS:
                 raise SpecError(f"{what} width {v} in '{text}' is outside the supported set {WIDTHS[0]}..{WIDTHS[-1]}", span)

@@ -15,7 +15,7 @@ Layer inputs and attention operands: per tensor, from the calibration data:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -54,9 +54,13 @@ def float_run(model: nn.Module):
             q.bypass = False
 
 
-def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float = 99.99, progress=None) -> nn.Module:
+def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float = 99.99,
+              progress: Callable[[int, int, str], None] | None = None) -> nn.Module:
     """Set the scales of every fake-quantized layer of `model` from `data` (a tensor of
-    images, or an iterable of batches).  Returns the model, in eval mode."""
+    images, or an iterable of batches).  Returns the model, in eval mode.
+
+    progress(done, total, label): after every batch observed (minmax, percentile) or
+    every layer calibrated (mptq), e.g. a `vitdsl.progress.Bar`."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method '{method}'; available: {', '.join(METHODS)}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
@@ -96,10 +100,13 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
                 if graph is not None and tuple(batch.shape[1:]) != tuple(graph.input.out.shape):
                     raise ValueError(f"calibration images are {'x'.join(map(str, batch.shape[1:]))}, "
                                      f"the model's input is {graph.input.out}")
+                if batch.shape[0] == 0:  # an empty batch has no range to observe
+                    continue
                 model(batch)
                 seen += batch.shape[0]
                 if progress:
-                    progress(i + 1)
+                    total = 1 if isinstance(data, torch.Tensor) else len(data) if hasattr(data, "__len__") else 0
+                    progress(i + 1, max(total, i + 1), "observing ranges")
     finally:
         for q in acts.values():
             q.observer = None
@@ -126,6 +133,8 @@ def _stack(data) -> torch.Tensor:
     x = torch.cat(batches)
     if x.dim() != 4:
         raise ValueError(f"calibration batches are images (B, C, H, W); got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("the calibration set is empty")
     return x
 
 
@@ -138,5 +147,5 @@ def _mptq(model: nn.Module, data: torch.Tensor, layers, progress) -> nn.Module:
         raise ValueError(f"calibration images are {'x'.join(map(str, data.shape[1:]))}, the model's input is {graph.input.out}")
     if graph is not None:
         fold_sqb(model, data)  # SQ-b first: it changes the weights the ranges are chosen for
-    LayerCalibrator(model, data, sequential=True).calibrate_all(progress=(lambda i, n: progress(i)) if progress else None)
+    LayerCalibrator(model, data, sequential=True).calibrate_all(progress=progress)
     return model.eval()

@@ -7,7 +7,8 @@ images.  Budget: an average bit width, weighted by parameter count for weights a
 input elements per image for activations; both averages must reach it.  A step's cost
 is measured from the current configuration, one layer at a time; a layer's entries
 are re-measured after it changes (the others are kept, an approximation that keeps the
-search to O(layers x steps) forward passes).  Deterministic: ties go to the earlier
+search to O(layers x steps) forward passes), and the loss a new entry is measured
+against is always the current configuration's own.  Deterministic: ties go to the earlier
 layer, weights before inputs.
 """
 from __future__ import annotations
@@ -32,8 +33,11 @@ def averages(state: dict[str, list[int]], sizes: dict[str, tuple[int, int]]) -> 
 
 def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: torch.Tensor, budget: float,
                            sizes: dict[str, tuple[int, int]], candidates: tuple[int, ...] = CANDIDATES,
-                           progress: Callable[[str], None] | None = None, method: str = "mptq") -> dict[str, tuple[int, int]]:
-    """sizes: layer -> (weight count, input elements per image).  Returns layer -> (wbits, abits)."""
+                           progress: Callable[[int, int, str], None] | None = None, method: str = "mptq") -> dict[str, tuple[int, int]]:
+    """sizes: layer -> (weight count, input elements per image).  Returns layer -> (wbits, abits).
+
+    progress(done, 100, label) after every step: done is the share (in %) of the way from
+    the widest candidate down to the budget that the slower of the two averages has gone."""
     cands = sorted(candidates)
     if budget < cands[0]:
         raise ValueError(f"budget {budget} is below the smallest candidate width {cands[0]}")
@@ -43,14 +47,15 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
     for n in names:
         cal.set_bits(n, cands[-1], cands[-1])
         cal.calibrate(n)
-    loss = kl_to_reference(model, data, ref_logits)
-    cost: dict[tuple[str, int], tuple[float, float, tuple]] = {}  # (Δloss, bytes saved, trial state)
+    loss = kl_to_reference(model, data, ref_logits)  # always the current configuration's own KL
+    steps = 0  # steps taken: an entry measured at an earlier count saw other layers' older widths
+    cost: dict[tuple[str, int], tuple[float, float, tuple, float, int]] = {}  # (Δloss, bytes saved, trial state, trial KL, steps)
 
     def apply(n: str) -> None:
         cal.set_bits(n, state[n][0], state[n][1])
         cal.calibrate(n)
 
-    def measure(n: str, k: int) -> tuple[float, float, tuple]:
+    def measure(n: str, k: int) -> tuple[float, float, tuple, float, int]:
         old = state[n][k]
         new = cands[cands.index(old) - 1]
         snap = cal.snapshot(n)
@@ -61,7 +66,10 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
         state[n][k] = old
         cal.restore(n, snap)
         saved = sizes[n][k] * (old - new) / 8  # bytes per image (inputs) or in the model (weights)
-        return trial - loss, saved, trial_state
+        return trial - loss, saved, trial_state, trial, steps
+
+    def way_done() -> float:
+        return (cands[-1] - max(*averages(state, sizes), budget)) / max(cands[-1] - budget, 1e-9)
 
     while True:
         avg_w, avg_a = averages(state, sizes)
@@ -74,8 +82,10 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
                 if state[n][k] == cands[0] or sizes[n][k] == 0:
                     continue
                 if (n, k) not in cost:
+                    if progress:  # the first round measures every layer: minutes on a large model
+                        progress(min(99, int(100 * way_done())), 100, f"trying {n}")
                     cost[(n, k)] = measure(n, k)
-                dloss, saved, _ = cost[(n, k)]
+                dloss, saved = cost[(n, k)][:2]
                 score = dloss / saved
                 if best is None or score < best[0]:
                     best = (score, n, k)
@@ -83,11 +93,18 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
             break
         _, n, k = best
         state[n][k] = cands[cands.index(state[n][k]) - 1]
-        cal.restore(n, cost[(n, k)][2])
-        loss = cost[(n, k)][0] + loss
+        _, _, trial_state, trial, measured_at = cost[(n, k)]
+        cal.restore(n, trial_state)
+        # The step's own trial KL is the new configuration's when no other step came between;
+        # otherwise it is measured again (adding a stale Δ drifted: a running "KL" below 0).
+        loss = trial if measured_at == steps else kl_to_reference(model, data, ref_logits)
+        steps += 1
         cost.pop((n, 0), None)
         cost.pop((n, 1), None)
         if progress:
             avg_w, avg_a = averages(state, sizes)
-            progress(f"{n} {'w' if k == 0 else 'a'}{state[n][k]}  avg w{avg_w:.2f} a{avg_a:.2f}  KL {loss:.4g}")
+            progress(min(99, int(100 * way_done())), 100, f"w{avg_w:.2f} a{avg_a:.2f} KL {loss:.3g}")
+    if progress:
+        avg_w, avg_a = averages(state, sizes)
+        progress(100, 100, f"w{avg_w:.2f} a{avg_a:.2f} KL {loss:.3g}")
     return {n: (state[n][0], state[n][1]) for n in names}

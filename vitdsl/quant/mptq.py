@@ -441,12 +441,13 @@ class LayerCalibrator:
         pq = aq.probs(p)
         self._search(aq.v, key["v"], lambda: pq @ aq.v(v), ref, half)
 
-    def calibrate_all(self, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    def calibrate_all(self, progress: Callable[[int, int, str], None] | None = None) -> dict[str, float]:
+        """Every layer in order; progress(layers done, layers, the layer's name)."""
         errs = {}
         for i, name in enumerate(self.order):
             errs[name] = self.calibrate(name)
             if progress:
-                progress(i + 1, len(self.layers))
+                progress(i + 1, len(self.order), name)
         return errs
 
     # -- width changes for the mixed-precision search -----------------------------

@@ -72,7 +72,12 @@ def with_bits(graph: Graph, rules: list[tuple[str, str]]) -> Graph:
 
 def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | None = None, budget: float | None = None,
              method: str = "mptq", candidates: tuple[int, ...] = (4, 5, 6, 8), weights_name: str = "<weights>",
-             progress: Callable[[str], None] = lambda s: None) -> tuple[Graph, torch.nn.Module, list[dict]]:
+             progress: Callable[[int, int, str], None] | None = None,
+             images_name: str = "<calibration data>") -> tuple[Graph, torch.nn.Module, list[dict]]:
+    """Calibrate `graph` at `bits` (uniform) or search per-layer widths for an average
+    `budget`, then calibrate at them. progress(done, total, label), e.g. a
+    `vitdsl.progress.Bar`: the search's way to the budget (in %), then the calibration's
+    layers (mptq) or batches."""
     from ..api import compile
     from .bits import BitSpec, quant_layers
     from .calibrate import calibrate
@@ -81,20 +86,22 @@ def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | Non
     if (bits is None) == (budget is None):
         raise SpecError("give exactly one of --bits (e.g. w4a8) or --budget (an average width, e.g. 5.0)")
     if images.dim() != 4 or tuple(images.shape[1:]) != tuple(graph.input.out.shape):
-        raise SpecError(f"calibration images have shape {tuple(images.shape)}; the model takes (N, {', '.join(map(str, graph.input.out.shape))})")
+        raise SpecError(f"calibration images have shape {tuple(images.shape)}; the model takes "
+                        f"(N, {', '.join(map(str, graph.input.out.shape))})", filename=images_name)
     if images.shape[0] == 0:
-        raise SpecError("the calibration set is empty")
+        raise SpecError("the calibration set is empty", filename=images_name)
     if not torch.isfinite(images).all():
         raise SpecError(f"calibration images hold NaN or infinite values ({int((~torch.isfinite(images)).sum())} of "
-                        f"{images.numel()})")
+                        f"{images.numel()})", filename=images_name)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise SpecError(f"weights hold NaN or infinite values: {', '.join(bad[:5])}"
                         f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}", filename=weights_name)
     if budget is not None and not math.isfinite(budget):
         raise SpecError(f"the budget must be a finite average width, got {budget}")
-    if bits is not None:
-        BitSpec.parse(bits)
+    if bits is not None and BitSpec.parse(bits).float_type is not None:
+        raise SpecError(f"--bits {bits} keeps every layer in floating point: there is nothing to calibrate; give "
+                        "integer widths such as w8a8 (a float type for single layers goes in the spec's bits section)")
     if budget is not None and budget < min(candidates):
         raise SpecError(f"budget {budget} is below the smallest candidate width {min(candidates)}")
     float_graph = with_bits(graph, []) if graph.bits else graph
@@ -105,8 +112,10 @@ def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | Non
     with torch.no_grad():
         ref = fmodel(images)
     layers = quant_layers(graph)
+    def phase(label: str) -> Callable[[int, int, str], None] | None:
+        return (lambda done, total, what: progress(done, total, f"{label}: {what}")) if progress else None
+
     if budget is not None:
-        progress("mixed-precision search")
         top = max(candidates)
         g8 = with_bits(graph, [("default", f"w{top}a{top}")])
         m8 = compile(g8)
@@ -116,15 +125,14 @@ def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | Non
 
             fold_sqb(m8, images)
         chosen = greedy_mixed_precision(m8, images, ref, budget, {q.name: (q.weights, q.act_elems) for q in layers},
-                                        tuple(candidates), progress=progress, method=method)
+                                        tuple(candidates), progress=phase("search"), method=method)
         rules = [("default", f"w{top}a{top}")] + [(n, f"w{w}a{a}") for n, (w, a) in chosen.items() if (w, a) != (top, top)]
     else:
         rules = [("default", bits)]
     qgraph = with_bits(graph, rules)
     qmodel = compile(qgraph)
     qmodel.load_state_dict(state, strict=False)
-    progress(f"calibrating ({method})")
-    calibrate(qmodel, images, method=method)
+    calibrate(qmodel, images, method=method, progress=phase(f"calibrating ({method})"))
     report = _report(qgraph, qmodel, fmodel, images, ref)
     return qgraph, qmodel, report
 
