@@ -11,7 +11,7 @@ Models: specs/digits_vit.vit (a plain ViT) and specs/digits_hybrid.vit (conv ste
 shifted windows, patch merging), trained with `vitdsl.train.train` (the code of
 `vitdsl train`) on scikit-learn's digits with its fixed stratified split (split seed 0)
 and training seed 0; the weights are cached in build/quant_table/ and retrained when the
-spec, the epochs, the seed or any vitdsl source file change (or with --retrain).
+spec, the epochs, the seed or the code training runs change (or with --retrain).
 
 Quantization: `vitdsl.quant.quantize.quantize` (the code of `vitdsl quantize`) with
 `bits=wNaM` for the uniform rows and `budget=B` for the greedy mixed-precision rows,
@@ -106,31 +106,36 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ models
-def training_files() -> list[Path]:
-    """The vitdsl source files that training runs: the vitdsl modules loaded by a one-step
-    training of every digits spec in a fresh interpreter."""
+def training_modules() -> dict[str, str]:
+    """The vitdsl modules that training runs, name -> file: those loaded by a one-step
+    training of every digits spec in a fresh interpreter (reported as JSON on the last
+    line of its output, so that nothing training prints is read as a module)."""
     probe = (
-        "import sys, vitdsl.train as t\n"
+        "import json, sys, vitdsl.train as t\n"
         f"for spec in {[str(C.SPECS / f'{n}.vit') for n in MODELS]!r}:\n"
         "    t.train(spec, data='digits', epochs=1, max_steps=1, progress=False)\n"
-        "print('\\n'.join(m.__file__ for k, m in list(sys.modules.items())"
-        " if k.split('.')[0] == 'vitdsl' and getattr(m, '__file__', None)))\n"
+        "print(json.dumps({k: m.__file__ for k, m in list(sys.modules.items())"
+        " if k.split('.')[0] == 'vitdsl' and getattr(m, '__file__', None)}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=C.ROOT, check=True, capture_output=True, text=True)
-    return sorted(Path(f).resolve() for f in out.stdout.split())
+    out = subprocess.run([sys.executable, "-c", probe], cwd=C.ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"listing the modules training runs failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @functools.lru_cache(maxsize=None)
 def code_fingerprint() -> str:
-    """sha256 of the vitdsl files training runs (`training_files`): trained weights depend
-    on the initialisation and training code as much as on the spec, so a cache from other
-    code is stale, while a change to code training never runs (the calibration methods,
-    the CLI) keeps the cached models."""
+    """sha256 of the code training runs (`training_modules`, by module name, and the
+    grammar): trained weights depend on the initialisation and training code as much as
+    on the spec, so a cache from other code is stale, while a change to code training
+    never runs (mptq, GPTQ, the mixed-precision search, SQ-b, the CLI) keeps the cached
+    models. Keyed by module name, not path, so a worktree sharing the venv hashes the same."""
     import hashlib
 
     h = hashlib.sha256()
-    for path in training_files():
-        h.update(str(path.relative_to(C.ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    files = sorted(training_modules().items()) + [(p.name, str(p)) for p in sorted((C.ROOT / "grammars").glob("*.lark"))]
+    for name, path in files:
+        h.update(name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
     return h.hexdigest()
 
 

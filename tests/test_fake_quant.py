@@ -74,7 +74,15 @@ def test_without_autograd_the_grid_is_the_same_to_the_bit(kind):
     assert torch.equal(x, keep)
     slow = fq(x.clone().requires_grad_(True))
     assert slow.requires_grad and slow.grad_fn is not None
-    assert torch.equal(fast, slow.detach())
+    assert torch.equal(fast, slow.detach())  # values (a zero's sign may differ)
+
+
+def test_without_autograd_an_infinite_input_saturates_as_a_qdq_pair_does():
+    fq = FakeQuant(4, signed=True)
+    fq.set_range(torch.tensor([-1.4]), torch.tensor([1.4]))  # step 0.2, grid [-7, 7]
+    with torch.no_grad():
+        out = fq(torch.tensor([float("inf"), -float("inf"), 0.31]))
+    torch.testing.assert_close(out, torch.tensor([1.4, -1.4, 0.4]))
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "mptq"])
@@ -282,3 +290,21 @@ def test_every_attention_kind_quantizes_its_operands(kind):
     with torch.no_grad():
         ref, got = f(x), qm(x)
     assert ((got - ref).norm() / ref.norm()).item() < 0.1
+
+
+def test_calibration_over_batches_ends_its_progress_bar_once(capsys):
+    """A generator of batches (length unknown) and a list ending in an empty batch: one
+    finished bar line each, at the end."""
+    from vitdsl.progress import Bar
+
+    _, q = pair("    default w8a8\n")
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for data in ((b for b in x.split(2)), [x[:3], x[3:], x[:0]]):
+        calls = []
+        calibrate(q, data, progress=lambda *a: calls.append(a))
+        assert calls[-1][0] == calls[-1][1] and all(d < t for d, t, _ in calls[:-1])
+    bar = Bar(True)
+    calibrate(q, [x[:3], x[3:]], progress=bar)
+    calibrate(q, x, progress=bar)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and err.count("2/2 observing ranges") == 1 and err.count("1/1 observing ranges") == 1

@@ -30,7 +30,7 @@ from ..errors import Span, SpecError
 
 WIDTHS = (2, 3, 4, 5, 6, 7, 8)
 FLOATS = ("fp32", "fp16", "bf16")
-_INT = re.compile(r"^w(\d+)a(\d+)$")
+_INT = re.compile(r"w([0-9]+)a([0-9]+)")
 
 
 class BitSpec(BaseModel):
@@ -45,7 +45,7 @@ class BitSpec(BaseModel):
     def parse(cls, text: str, span: Span | None = None) -> "BitSpec":
         if text in FLOATS:
             return cls(float_type=text)
-        m = _INT.match(text)
+        m = _INT.fullmatch(text)
         if not m:
             raise SpecError(f"unknown bit width '{text}'; write wNaM (e.g. w4a8) or one of {', '.join(FLOATS)}", span)
         w, a = int(m.group(1)), int(m.group(2))

@@ -89,11 +89,14 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
         return record
 
     seen = 0
+    batches = 0
+    known = 1 if isinstance(data, torch.Tensor) else len(data) if hasattr(data, "__len__") else 0
     try:
         for n, q in acts.items():
             q.observer = observe(n)
         with torch.no_grad(), float_run(model):
             for i, batch in enumerate(_batches(data)):
+                batches = i + 1
                 if batch.dim() != 4:
                     raise ValueError(f"calibration batches are images (B, C, H, W); got shape {tuple(batch.shape)}")
                 graph = getattr(model, "graph", None)
@@ -104,14 +107,15 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
                     continue
                 model(batch)
                 seen += batch.shape[0]
-                if progress:
-                    total = 1 if isinstance(data, torch.Tensor) else len(data) if hasattr(data, "__len__") else 0
-                    progress(i + 1, max(total, i + 1), "observing ranges")
+                if progress and i + 1 < known:  # the last call, after the loop, ends the bar
+                    progress(i + 1, known, "observing ranges")
     finally:
         for q in acts.values():
             q.observer = None
     if seen == 0:
         raise ValueError("the calibration set is empty")
+    if progress:
+        progress(batches, batches, "observing ranges")
     for name, q in acts.items():
         if not stats[name]:
             raise ValueError(f"quantizer {name} saw no data during calibration")

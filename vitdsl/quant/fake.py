@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.inplace import graph_capture_active
+
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round() whose gradient is the identity (Bengio et al. 2013's straight-through estimator)."""
@@ -86,11 +88,13 @@ class FakeQuant(nn.Module):
 
     def _grid(self, x: torch.Tensor, s: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """clamp(round(x / s), lo, hi) * s. Without autograd (calibration searches, evaluation)
-        the same operations run in place on x / s's own buffer: the identical result
-        (x + (round(x) - x) is round(x) exactly in floating point) in about a third of the
-        time (a 16384 x 192 input, one CPU thread); the greedy mixed-precision search on
-        digits_hybrid runs about 20% faster."""
-        if torch.is_grad_enabled() and (x.requires_grad or s.requires_grad):
+        the same operations run in place on x / s's own buffer: for finite x / s the same
+        values (x + (round(x) - x) is round(x) exactly in floating point; only the sign of a
+        zero can differ) in about a third of the time (a 16384 x 192 input, one CPU thread).
+        An infinite x / s saturates to the grid's end here, as a Q/DQ pair does, where the
+        straight-through form gives NaN. Graph capture (torch.export, the tracers) sees the
+        functional form (vitdsl/ops/inplace.py)."""
+        if (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)) or graph_capture_active():
             return torch.clamp(round_ste(x / s), lo, hi) * s
         return (x / s).round_().clamp_(lo, hi).mul_(s)
 
