@@ -37,7 +37,8 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
     """sizes: layer -> (weight count, input elements per image).  Returns layer -> (wbits, abits).
 
     progress(done, 100, label) after every step: done is the share (in %) of the way from
-    the widest candidate down to the budget that the slower of the two averages has gone."""
+    the widest candidate down to the budget that the weight and input averages have gone
+    (their mean)."""
     cands = sorted(candidates)
     if budget < cands[0]:
         raise ValueError(f"budget {budget} is below the smallest candidate width {cands[0]}")
@@ -68,8 +69,8 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
         saved = sizes[n][k] * (old - new) / 8  # bytes per image (inputs) or in the model (weights)
         return trial - loss, saved, trial_state, trial, steps
 
-    def way_done() -> float:
-        return (cands[-1] - max(*averages(state, sizes), budget)) / max(cands[-1] - budget, 1e-9)
+    def way_done() -> float:  # the two averages' shares of their way down to the budget, averaged
+        return sum(min(1.0, (cands[-1] - avg) / max(cands[-1] - budget, 1e-9)) for avg in averages(state, sizes)) / 2
 
     while True:
         avg_w, avg_a = averages(state, sizes)
