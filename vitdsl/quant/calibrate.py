@@ -59,8 +59,9 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
     """Set the scales of every fake-quantized layer of `model` from `data` (a tensor of
     images, or an iterable of batches).  Returns the model, in eval mode.
 
-    progress(done, total, label): after every batch observed (minmax, percentile) or
-    every layer calibrated (mptq), e.g. a `vitdsl.progress.Bar`."""
+    progress(done, total, label): after every batch of a tensor or sized iterable and once
+    at the end (minmax, percentile), or after every layer calibrated (mptq), e.g. a
+    `vitdsl.progress.Bar`."""
     if method not in METHODS:
         raise ValueError(f"unknown calibration method '{method}'; available: {', '.join(METHODS)}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
@@ -95,8 +96,7 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
         for n, q in acts.items():
             q.observer = observe(n)
         with torch.no_grad(), float_run(model):
-            for i, batch in enumerate(_batches(data)):
-                batches = i + 1
+            for batches, batch in enumerate(_batches(data), 1):
                 if batch.dim() != 4:
                     raise ValueError(f"calibration batches are images (B, C, H, W); got shape {tuple(batch.shape)}")
                 graph = getattr(model, "graph", None)
@@ -107,8 +107,8 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
                     continue
                 model(batch)
                 seen += batch.shape[0]
-                if progress and i + 1 < known:  # the last call, after the loop, ends the bar
-                    progress(i + 1, known, "observing ranges")
+                if progress and batches < known:  # the last call, after the loop, ends the bar
+                    progress(batches, known, "observing ranges")
     finally:
         for q in acts.values():
             q.observer = None

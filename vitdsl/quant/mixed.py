@@ -72,6 +72,10 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
     def way_done() -> float:  # the two averages' shares of their way down to the budget, averaged
         return sum(min(1.0, (cands[-1] - avg) / max(cands[-1] - budget, 1e-9)) for avg in averages(state, sizes)) / 2
 
+    def report_step(done: int) -> None:
+        avg_w, avg_a = averages(state, sizes)
+        progress(done, 100, f"w{avg_w:.2f} a{avg_a:.2f} KL {loss:.3g}")
+
     while True:
         avg_w, avg_a = averages(state, sizes)
         over = [k for k, avg in ((0, avg_w), (1, avg_a)) if avg > budget + 1e-9]
@@ -103,9 +107,7 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
         cost.pop((n, 0), None)
         cost.pop((n, 1), None)
         if progress:
-            avg_w, avg_a = averages(state, sizes)
-            progress(min(99, int(100 * way_done())), 100, f"w{avg_w:.2f} a{avg_a:.2f} KL {loss:.3g}")
+            report_step(min(99, int(100 * way_done())))
     if progress:
-        avg_w, avg_a = averages(state, sizes)
-        progress(100, 100, f"w{avg_w:.2f} a{avg_a:.2f} KL {loss:.3g}")
+        report_step(100)
     return {n: (state[n][0], state[n][1]) for n in names}

@@ -112,6 +112,7 @@ def quantize(graph: Graph, state: dict, images: torch.Tensor, *, bits: str | Non
     with torch.no_grad():
         ref = fmodel(images)
     layers = quant_layers(graph)
+
     def phase(label: str) -> Callable[[int, int, str], None] | None:
         return (lambda done, total, what: progress(done, total, f"{label}: {what}")) if progress else None
 
