@@ -64,9 +64,19 @@ class VitModel(nn.Module):
         self.__dict__["graph"] = graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values: list = []
-        donating = inference_reuse_allowed()
-        for module, is_input, refs, release, donate in self._steps:
+        return output_of(self._run(x, [], keep=False))
+
+    def run_from(self, x: torch.Tensor, start: int = 0, values: list | None = None) -> list:
+        """Every step's value in execution order (graph.order), the first `start` taken
+        from `values`, an earlier run's list, and the rest computed.  A search that
+        changes one node at a time reruns only the steps from that node on; nothing is
+        released or written in place, so kept values stay valid.  The model's output is
+        ``output_of(values)``."""
+        return self._run(x, list(values[:start]) if start else [], keep=True)
+
+    def _run(self, x: torch.Tensor, values: list, keep: bool) -> list:
+        donating = not keep and inference_reuse_allowed()
+        for module, is_input, refs, release, donate in self._steps[len(values):]:
             if is_input:
                 values.append(module(x))
             else:
@@ -75,10 +85,16 @@ class VitModel(nn.Module):
                     values.append(module(*args, into=donate[0]))
                 else:
                     values.append(module(*args))
-            for i in release:
-                values[i] = None
-        out = values[-1]
-        return out[0] if isinstance(out, tuple) else out
+            if not keep:
+                for i in release:
+                    values[i] = None
+        return values
+
+
+def output_of(values: list) -> torch.Tensor:
+    """The model's output from a run's values (a multi-output last node: its first)."""
+    out = values[-1]
+    return out[0] if isinstance(out, tuple) else out
 
 
 # ------------------------------------------------------------ buffer donation

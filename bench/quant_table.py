@@ -549,9 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=None, metavar="ROW",
                     help=f"rows to run (default: all: {', '.join(ROWS)})")
     # 64 digits images are few tokens (5 per image in digits_vit: 320 rows of GPTQ's H for
-    # fc2's 128 inputs); 256 settle two pooled accuracy misses (docs/quantization.md) but the
-    # greedy MP searches grow with the images: about 2.5 h for --folds 5 on 2 cores.
-    ap.add_argument("--calib", type=int, default=64, metavar="N", help="calibration images (default: %(default)s)")
+    # fc2's 128 inputs) and left two pooled accuracy misses that 256 settle
+    # (docs/quantization.md); the greedy MP searches grow with the images (--folds 5 at 256:
+    # about 45 min on 2 cores since the trials rerun only from the changed node).
+    ap.add_argument("--calib", type=int, default=256, metavar="N", help="calibration images (default: %(default)s)")
     ap.add_argument("--draws", type=int, default=3, metavar="K",
                     help="independent calibration sets per cell; the table shows the means (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1, metavar="N",

@@ -92,3 +92,44 @@ def test_unknown_backend_and_option(graph):
         vitdsl.compile(graph, backend="tpu")
     with pytest.raises(TypeError, match="unknown option"):
         vitdsl.compile(graph, fp8=True)
+
+
+RESIDUAL = TINY.replace("transformer heads=2 qkv_bias", "transformer heads=2 qkv_bias residual(alpha=0.5, learnable)")
+
+
+@pytest.mark.parametrize("text", [TINY, RESIDUAL, "specs/digits_hybrid.vit"], ids=["vit", "residual", "hybrid"])
+def test_run_from_any_step_equals_the_forward(text):
+    """run_from reuses the values of the steps before `start` (the mixed-precision search
+    reruns only the nodes after the layer it changed): every start gives the forward's
+    output bit for bit, and the reused values are left as they were."""
+    from vitdsl.backends.torch import output_of
+
+    g = vitdsl.load(text) if text.endswith(".vit") else vitdsl.loads(text)
+    m = vitdsl.compile(g, seed=0).eval()
+    x = torch.randn(3, *g.input.out.shape, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():  # where the forward writes into dead values
+        out = m(x)
+        full = m.run_from(x)
+        kept = [v.clone() if isinstance(v, torch.Tensor) else tuple(t.clone() for t in v) for v in full]
+        assert len(full) == len(g.order) and torch.equal(output_of(full), out)
+        for start in range(len(g.order)):
+            assert torch.equal(output_of(m.run_from(x, start, full)), out), g.order[start]
+    for a, b in zip(full, kept):
+        assert all(torch.equal(p, q) for p, q in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)))
+
+
+def test_run_from_sees_a_change_after_start_but_not_before(graph):
+    """The point of reusing a prefix: a change in a node at or after `start` shows in the
+    output; one before it does not (its kept value stands)."""
+    from vitdsl.backends.torch import output_of
+
+    m = vitdsl.compile(graph, seed=0).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = m.run_from(x)
+        m.get_submodule("blocks.1.mlp").fc1.weight.mul_(1.5)
+        changed = m(x)
+        at = graph.order.index("blocks.1.mlp")
+        assert torch.equal(output_of(m.run_from(x, at, full)), changed)
+        assert torch.equal(output_of(m.run_from(x, at + 1, full)), output_of(full))
+        assert not torch.equal(changed, output_of(full))

@@ -57,11 +57,8 @@ def test_greedy_mixed_precision_meets_the_budget(setup):
     assert report[-1]["layer"] == "(logits)" and report[-1]["output_mse"] >= 0
 
 
-def test_greedy_search_reports_the_true_kl_of_each_configuration(setup):
-    """The search's running loss is the current configuration's own KL: it once added
-    cached steps' stale deltas and drifted (a 'KL' below 0 on the digits models)."""
-    from vitdsl.quant.mixed import greedy_mixed_precision
-    from vitdsl.quant.mptq import kl_to_reference
+def _w8a8_and_reference(setup) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The search's starting point: the model at w8a8 (uncalibrated), and the FP32 logits."""
     from vitdsl.quant.quantize import with_bits
 
     g, state, images = setup
@@ -71,6 +68,17 @@ def test_greedy_search_reports_the_true_kl_of_each_configuration(setup):
         ref = f(images)
     m8 = vitdsl.compile(with_bits(g, [("default", "w8a8")]))
     m8.load_state_dict(state, strict=False)
+    return m8, ref
+
+
+def test_greedy_search_reports_the_true_kl_of_each_configuration(setup):
+    """The search's running loss is the current configuration's own KL: it once added
+    cached steps' stale deltas and drifted (a 'KL' below 0 on the digits models)."""
+    from vitdsl.quant.mixed import greedy_mixed_precision
+    from vitdsl.quant.mptq import kl_to_reference
+
+    g, state, images = setup
+    m8, ref = _w8a8_and_reference(setup)
     calls, pairs = [], []
 
     def progress(done, total, label):  # called with the model in the configuration it reports
@@ -84,6 +92,44 @@ def test_greedy_search_reports_the_true_kl_of_each_configuration(setup):
     assert [shown for shown, _ in pairs] == [f"{true:.3g}" for _, true in pairs]  # every step, as printed
     done = [c[0] for c in calls]
     assert done == sorted(done) and calls[-1][:2] == (100, 100) and all(c[1] == 100 for c in calls)
+
+
+def test_search_trials_rerun_from_the_changed_node_with_the_whole_forwards_result(setup):
+    """A trial reruns the model from the changed layer's node only; its KL equals a whole
+    forward's for every layer (an attention's qkv, its proj, the MLP's, the head), and a
+    commit keeps the changed configuration's run for the next trial."""
+    from vitdsl.quant.mixed import _KL
+    from vitdsl.quant.mptq import LayerCalibrator, kl_to_reference
+
+    g, state, images = setup
+    m, ref = _w8a8_and_reference(setup)
+    cal = LayerCalibrator(m, images, "minmax")
+    for n in cal.layers:
+        cal.calibrate(n)
+    kl = _KL(m, images, ref, cal.block)
+    base = kl.commit()
+    assert kl.resumable and base == kl_to_reference(m, images, ref)
+    assert {kl.start[n] for n in cal.layers} == {g.order.index(cal.block[n]) for n in cal.layers}
+    assert len(set(kl.start.values())) > 2 and min(kl.start.values()) > 0
+    for n in cal.order:
+        snap = cal.snapshot(n)
+        cal.set_bits(n, 4, 4)
+        cal.calibrate(n)
+        trial = kl.trial(n)
+        assert trial == kl_to_reference(m, images, ref) and trial != base, n
+        cal.restore(n, snap)
+    first, last = cal.order[0], cal.order[-1]
+    assert kl.start[first] < kl.start[last]
+    cal.set_bits(first, 4, 4)
+    cal.calibrate(first)
+    assert kl.commit(first) == kl_to_reference(m, images, ref)
+    cal.set_bits(last, 5, 5)
+    cal.calibrate(last)
+    starts = []
+    run_from = m.run_from
+    m.run_from = lambda x, start=0, values=None: starts.append(start) or run_from(x, start, values)
+    assert kl.trial(last) == kl_to_reference(m, images, ref)  # the first change is in the kept run
+    assert starts == [kl.start[last]]  # ... which the trial reused up to the last layer's node
 
 
 def test_quantize_reports_progress_for_the_search_then_the_calibration(setup):

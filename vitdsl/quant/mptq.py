@@ -478,6 +478,11 @@ class LayerCalibrator:
 def kl_to_reference(model: nn.Module, data: torch.Tensor, ref_logits: torch.Tensor) -> float:
     """Mean KL(p_fp32 || p_quant) of the logits over the calibration images."""
     with torch.no_grad():
-        logq = F.log_softmax(model(data), dim=-1)
-        logp = F.log_softmax(ref_logits, dim=-1)
-        return float((logp.exp() * (logp - logq)).sum(-1).mean())
+        return kl_of_logits(model(data), ref_logits)
+
+
+def kl_of_logits(logits: torch.Tensor, ref_logits: torch.Tensor) -> float:
+    """Mean KL(softmax(ref_logits) || softmax(logits)) over the rows."""
+    logq = F.log_softmax(logits, dim=-1)
+    logp = F.log_softmax(ref_logits, dim=-1)
+    return float((logp.exp() * (logp - logq)).sum(-1).mean())
