@@ -208,3 +208,24 @@ def test_every_package_is_listed_for_pip_install():
                 rel = os.path.relpath(dirpath, os.path.join(ROOT, base))
                 found.add(prefix if rel == "." else prefix + "." + rel.replace(os.sep, "."))
     assert found == listed
+
+
+def test_input_errors_are_reported_but_other_value_errors_keep_their_traceback(capsys):
+    """A ValueError from vitdsl's own checks of non-spec input (InputError) is a user
+    error: a message and exit 1.  Any other ValueError is a bug somewhere and must not be
+    dressed up as the user's mistake."""
+    import argparse
+
+    from vitdsl import InputError
+    from vitdsl.cli import run as run_command
+
+    def raising(exc):
+        def func(args):
+            raise exc
+        return argparse.Namespace(func=func)
+
+    assert run_command(raising(InputError("the calibration set is empty"))) == 1
+    assert capsys.readouterr().err == "vitdsl: error: the calibration set is empty\n"
+    with pytest.raises(ValueError, match="internal"):
+        run_command(raising(ValueError("internal")))
+    assert issubclass(InputError, ValueError)  # API callers catching ValueError still do

@@ -5,7 +5,7 @@ import gc
 import os
 
 from . import ops  # noqa: F401  (registers the built-in ops)
-from .errors import SpecError
+from .errors import InputError, SpecError
 from .expand import build_graph, resolve_program
 from .graph import Graph
 from .passes.cost import DEFAULT_MAX_PARAMS, check_budget, cost
@@ -80,4 +80,4 @@ def compile(graph: Graph, backend: str = "torch", **options):  # noqa: A001 - th
         from .backends.torch import compile_torch
 
         return compile_torch(graph, **options)
-    raise ValueError(f"unknown backend '{backend}'; available: torch")
+    raise InputError(f"unknown backend '{backend}'; available: torch")

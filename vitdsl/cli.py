@@ -8,7 +8,7 @@ import sys
 import time
 from typing import NoReturn
 
-from .errors import Span, SpecError
+from .errors import InputError, Span, SpecError
 
 
 class Parser(argparse.ArgumentParser):
@@ -367,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"{getattr(e, 'filename', '') or 'vitdsl'}: error: {e.strerror or e}", file=sys.stderr)
         return 1
-    except ValueError as e:  # calibration and search inputs (empty set, wrong shapes, budgets)
+    except InputError as e:  # calibration and search inputs (empty set, wrong shapes, budgets)
         print(f"vitdsl: error: {e}", file=sys.stderr)
         return 1
 

@@ -84,3 +84,10 @@ def did_you_mean(word: str, choices: "list[str] | set[str]") -> str:
 
     close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class InputError(ValueError):
+    """Bad input that is not spec text (calibration tensors, budgets, batch sizes,
+    weights of the wrong shape): a ValueError, so API callers catching ValueError still
+    do.  The CLI reports it as a user error (exit 1, no traceback); any other ValueError
+    is a bug in vitdsl or a library and keeps its traceback."""

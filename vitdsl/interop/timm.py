@@ -9,6 +9,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..errors import InputError
 from ..graph import Graph, Node
 
 RENAMES: dict[str, Callable[[Node, Graph], dict[str, str]]] = {}
@@ -89,6 +90,6 @@ def convert_state_dict(graph: Graph, timm_state_dict: Mapping[str, torch.Tensor]
     for k, t in mapping.items():
         v = timm_state_dict[t]
         if tuple(v.shape) != tuple(ours[k].shape):
-            raise ValueError(f"{t}: timm has shape {tuple(v.shape)}, spec node expects {tuple(ours[k].shape)} at {k}")
+            raise InputError(f"{t}: timm has shape {tuple(v.shape)}, spec node expects {tuple(ours[k].shape)} at {k}")
         out[k] = v
     return out

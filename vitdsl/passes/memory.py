@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import InputError
 from ..graph import Graph
 from ..ops.base import REGISTRY
 from ..ops.inplace import donated_input
@@ -90,7 +91,7 @@ def memory_profile(graph: Graph, batch: int = 1, free_after_last_use: bool = Tru
                    *, include_input: bool = False) -> list[Step]:
     """The per-node steps of the liveness analysis (see the module docstring)."""
     if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
+        raise InputError(f"batch must be at least 1, got {batch}")
     last = last_uses(graph)
     expiring: dict[int, list[str]] = {}
     for name, i in last.items():

@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from .fake import FakeQuant, QuantConv2d, QuantLinear
 
 METHODS = ("minmax", "percentile", "mptq")
@@ -63,10 +64,10 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
     at the end (minmax, percentile), or after every layer calibrated (mptq), e.g. a
     `vitdsl.progress.Bar`."""
     if method not in METHODS:
-        raise ValueError(f"unknown calibration method '{method}'; available: {', '.join(METHODS)}")
+        raise InputError(f"unknown calibration method '{method}'; available: {', '.join(METHODS)}")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
     if not layers:
-        raise ValueError("the model has no quantized layers: give its spec a bits section")
+        raise InputError("the model has no quantized layers: give its spec a bits section")
     if method == "mptq":
         return _mptq(model, _stack(data), layers, progress)
     model.eval()
@@ -98,10 +99,10 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
         with torch.no_grad(), float_run(model):
             for batches, batch in enumerate(_batches(data), 1):
                 if batch.dim() != 4:
-                    raise ValueError(f"calibration batches are images (B, C, H, W); got shape {tuple(batch.shape)}")
+                    raise InputError(f"calibration batches are images (B, C, H, W); got shape {tuple(batch.shape)}")
                 graph = getattr(model, "graph", None)
                 if graph is not None and tuple(batch.shape[1:]) != tuple(graph.input.out.shape):
-                    raise ValueError(f"calibration images are {'x'.join(map(str, batch.shape[1:]))}, "
+                    raise InputError(f"calibration images are {'x'.join(map(str, batch.shape[1:]))}, "
                                      f"the model's input is {graph.input.out}")
                 if batch.shape[0] == 0:  # an empty batch has no range to observe
                     continue
@@ -113,12 +114,12 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
         for q in acts.values():
             q.observer = None
     if seen == 0:
-        raise ValueError("the calibration set is empty")
+        raise InputError("the calibration set is empty")
     if progress:
         progress(batches, batches, "observing ranges")
     for name, q in acts.items():
         if not stats[name]:
-            raise ValueError(f"quantizer {name} saw no data during calibration")
+            raise InputError(f"quantizer {name} saw no data during calibration")
         if method == "minmax":
             lo = torch.stack([s[0] for s in stats[name]]).min()
             hi = torch.stack([s[1] for s in stats[name]]).max()
@@ -133,12 +134,12 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
 def _stack(data) -> torch.Tensor:
     batches = list(_batches(data))
     if not batches:
-        raise ValueError("the calibration set is empty")
+        raise InputError("the calibration set is empty")
     x = torch.cat(batches)
     if x.dim() != 4:
-        raise ValueError(f"calibration batches are images (B, C, H, W); got shape {tuple(x.shape)}")
+        raise InputError(f"calibration batches are images (B, C, H, W); got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
-        raise ValueError("the calibration set is empty")
+        raise InputError("the calibration set is empty")
     return x
 
 
@@ -148,7 +149,7 @@ def _mptq(model: nn.Module, data: torch.Tensor, layers, progress) -> nn.Module:
 
     graph = getattr(model, "graph", None)
     if graph is not None and tuple(data.shape[1:]) != tuple(graph.input.out.shape):
-        raise ValueError(f"calibration images are {'x'.join(map(str, data.shape[1:]))}, the model's input is {graph.input.out}")
+        raise InputError(f"calibration images are {'x'.join(map(str, data.shape[1:]))}, the model's input is {graph.input.out}")
     if graph is not None:
         fold_sqb(model, data)  # SQ-b first: it changes the weights the ranges are chosen for
     LayerCalibrator(model, data, sequential=True).calibrate_all(progress=progress)

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from .mptq import LayerCalibrator, kl_of_logits, kl_to_reference
 
 CANDIDATES = (4, 5, 6, 8)
@@ -77,7 +78,7 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
     (their mean)."""
     cands = sorted(candidates)
     if budget < cands[0]:
-        raise ValueError(f"budget {budget} is below the smallest candidate width {cands[0]}")
+        raise InputError(f"budget {budget} is below the smallest candidate width {cands[0]}")
     cal = LayerCalibrator(model, data, method)
     names = [n for n in cal.layers if n in sizes]
     state = {n: [cands[-1], cands[-1]] for n in names}
