@@ -64,25 +64,28 @@ class VitModel(nn.Module):
         self.__dict__["graph"] = graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return output_of(self._run(x, [], keep=False))
+        return output_of(self._run(x, [], keep=False, donate=True))
 
-    def run_from(self, x: torch.Tensor, start: int = 0, values: list | None = None) -> list:
+    def run_from(self, x: torch.Tensor, start: int = 0, values: list | None = None, keep: bool = True) -> list:
         """Every step's value in execution order (graph.order), the first `start` taken
-        from `values`, an earlier run's list, and the rest computed.  A search that
-        changes one node at a time reruns only the steps from that node on; nothing is
-        released or written in place, so kept values stay valid.  The model's output is
-        ``output_of(values)``."""
-        return self._run(x, list(values[:start]) if start else [], keep=True)
+        from `values`, an earlier run's list (left unchanged), and the rest computed.  A
+        search that changes one node at a time reruns only the steps from that node on.
+        Nothing is written in place.  keep=False drops each value after its last reader,
+        as the forward does (the list then holds the output and None elsewhere).  The
+        model's output is ``output_of(values)``."""
+        if start and (values is None or start > len(values)):
+            raise ValueError(f"run_from: start {start} needs the values of the {start} steps before it")
+        return self._run(x, list(values[:start]) if start else [], keep=keep, donate=False)
 
-    def _run(self, x: torch.Tensor, values: list, keep: bool) -> list:
-        donating = not keep and inference_reuse_allowed()
-        for module, is_input, refs, release, donate in self._steps[len(values):]:
+    def _run(self, x: torch.Tensor, values: list, keep: bool, donate: bool) -> list:
+        donating = donate and inference_reuse_allowed()
+        for module, is_input, refs, release, into in self._steps[len(values):]:
             if is_input:
                 values.append(module(x))
             else:
                 args = [values[i] if p < 0 else values[i][p] for i, p in refs]
-                if donating and donate is not None and unhooked(module) and _sole_owner(args, values, donate):
-                    values.append(module(*args, into=donate[0]))
+                if donating and into is not None and unhooked(module) and _sole_owner(args, values, into):
+                    values.append(module(*args, into=into[0]))
                 else:
                     values.append(module(*args))
             if not keep:

@@ -113,7 +113,12 @@ def test_run_from_any_step_equals_the_forward(text):
         kept = [v.clone() if isinstance(v, torch.Tensor) else tuple(t.clone() for t in v) for v in full]
         assert len(full) == len(g.order) and torch.equal(output_of(full), out)
         for start in range(len(g.order)):
-            assert torch.equal(output_of(m.run_from(x, start, full)), out), g.order[start]
+            again = m.run_from(x, start, full)
+            assert torch.equal(output_of(again), out) and all(again[i] is full[i] for i in range(start)), g.order[start]
+            dropped = m.run_from(x, start, full, keep=False)  # a trial's run: values dropped after their last reader
+            assert torch.equal(output_of(dropped), out), g.order[start]
+            assert start >= len(g.order) - 2 or dropped.count(None) > 0, g.order[start]
+        assert None not in full  # the kept run is untouched by the runs that reused it
     for a, b in zip(full, kept):
         assert all(torch.equal(p, q) for p, q in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)))
 

@@ -352,3 +352,31 @@ def test_import_weights_to_an_unwritable_path_name_that_path(tmp_path, capsys):
     err = _error(capsys)
     assert err.startswith(f"{out}:") and "cannot write weights" in err and ".tmp" not in err
     assert not spec.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("env, want", [
+    ({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE must be a non-negative integer, got 'abc'"),
+    ({"RANK": "abc"}, "environment variable RANK must be a non-negative integer, got 'abc'"),
+    ({"WORLD_SIZE": "2"}, "cannot start torch.distributed: "),
+], ids=["world-size", "rank", "no-rank"])
+def test_a_wrong_torchrun_environment_is_an_error_before_training(tmp_path, capsys, monkeypatch, env, want):
+    """torch.distributed's ValueError once reached the user as a traceback (and RANK=abc
+    crashed after the outputs were written)."""
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "w.safetensors"
+    assert main(["train", str(_spec(tmp_path, TINY)), "-o", str(out), "--max-steps", "1", "-q"]) == 1
+    assert _error(capsys).startswith(f"vitdsl: error: {want}")
+    assert os.listdir(tmp_path) == ["m.vit"]
+
+
+def test_a_digits_count_in_other_scripts_digits_is_refused(tmp_path, capsys, tiny_weights):
+    """'digits:²' passed str.isdigit() and then crashed int()."""
+    spec, weights = tiny_weights
+    out = tmp_path / "q"
+    assert main(["quantize", str(spec), "--weights", str(weights), "--calib", "digits:²", "--bits", "w8a8",
+                 "-o", str(out), "-q"]) == 1
+    assert "expected digits or digits:N with N a number of images, got 'digits:²'" in _error(capsys)
+    assert not out.exists()

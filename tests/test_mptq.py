@@ -94,23 +94,36 @@ def test_greedy_search_reports_the_true_kl_of_each_configuration(setup):
     assert done == sorted(done) and calls[-1][:2] == (100, 100) and all(c[1] == 100 for c in calls)
 
 
-def test_search_trials_rerun_from_the_changed_node_with_the_whole_forwards_result(setup):
-    """A trial reruns the model from the changed layer's node only; its KL equals a whole
-    forward's for every layer (an attention's qkv, its proj, the MLP's, the head), and a
-    commit keeps the changed configuration's run for the next trial."""
+RESIDUAL = BASE.replace("transformer heads=2 qkv_bias", "transformer heads=2 qkv_bias residual(alpha=0.5, learnable)")
+
+
+@pytest.mark.parametrize("text", [BASE, RESIDUAL, "specs/digits_hybrid.vit"], ids=["vit", "residual", "hybrid"])
+def test_search_trials_rerun_from_the_changed_node_with_the_whole_forwards_result(text):
+    """A trial reruns the model from the changed layer's graph node only; its KL equals a
+    whole forward's for every layer (attention, MLP, windowed attention, convolutions, the
+    head; residual attention's carried scores), and a commit keeps the changed
+    configuration's run for the next trial."""
     from vitdsl.quant.mixed import _KL
     from vitdsl.quant.mptq import LayerCalibrator, kl_to_reference
+    from vitdsl.quant.quantize import with_bits
 
-    g, state, images = setup
-    m, ref = _w8a8_and_reference(setup)
+    g = vitdsl.load(text) if text.endswith(".vit") else vitdsl.loads(text)
+    f = vitdsl.compile(g, seed=1).eval()
+    images = torch.randn(4, *g.input.out.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = f(images)
+    m = vitdsl.compile(with_bits(g, [("default", "w8a8")]))
+    m.load_state_dict(f.state_dict(), strict=False)
     cal = LayerCalibrator(m, images, "minmax")
     for n in cal.layers:
         cal.calibrate(n)
     kl = _KL(m, images, ref, cal.block)
     base = kl.commit()
     assert kl.resumable and base == kl_to_reference(m, images, ref)
-    assert {kl.start[n] for n in cal.layers} == {g.order.index(cal.block[n]) for n in cal.layers}
-    assert len(set(kl.start.values())) > 2 and min(kl.start.values()) > 0
+    for layer, start in kl.start.items():  # the longest node name that is a dotted prefix of the layer's
+        owners = [n for n in g.order if layer == n or layer.startswith(n + ".")]
+        assert g.order[start] == max(owners, key=len), layer
+    assert set(kl.start) == set(cal.layers) and len(set(kl.start.values())) > 2 and min(kl.start.values()) > 0
     for n in cal.order:
         snap = cal.snapshot(n)
         cal.set_bits(n, 4, 4)
@@ -118,6 +131,7 @@ def test_search_trials_rerun_from_the_changed_node_with_the_whole_forwards_resul
         trial = kl.trial(n)
         assert trial == kl_to_reference(m, images, ref) and trial != base, n
         cal.restore(n, snap)
+    assert kl.commit(cal.order[0]) == base  # every trial undone: the kept run is still the configuration's
     first, last = cal.order[0], cal.order[-1]
     assert kl.start[first] < kl.start[last]
     cal.set_bits(first, 4, 4)
@@ -127,9 +141,27 @@ def test_search_trials_rerun_from_the_changed_node_with_the_whole_forwards_resul
     cal.calibrate(last)
     starts = []
     run_from = m.run_from
-    m.run_from = lambda x, start=0, values=None: starts.append(start) or run_from(x, start, values)
+    m.run_from = lambda x, start=0, values=None, keep=True: starts.append(start) or run_from(x, start, values, keep)
     assert kl.trial(last) == kl_to_reference(m, images, ref)  # the first change is in the kept run
     assert starts == [kl.start[last]]  # ... which the trial reused up to the last layer's node
+
+
+def test_search_runs_whole_forwards_when_kept_values_would_not_fit(setup, monkeypatch):
+    """Past KEEP_LIMIT_BYTES of kept node values the search runs whole forward passes:
+    the same configuration either way."""
+    import vitdsl.quant.mixed as mixed
+
+    g, state, images = setup
+    sizes = {q.name: (q.weights, q.act_elems) for q in quant_layers(g)}
+    assert 0 < mixed.kept_bytes(g, images) <= mixed.KEEP_LIMIT_BYTES
+    m8, ref = _w8a8_and_reference(setup)
+    kept = mixed.greedy_mixed_precision(m8, images, ref, 6.0, sizes, method="minmax")
+    monkeypatch.setattr(mixed, "KEEP_LIMIT_BYTES", mixed.kept_bytes(g, images) - 1)
+    monkeypatch.setattr(mixed._KL, "trial", lambda self, layer: (self.resumable and pytest.fail("kept")) or
+                        mixed.kl_to_reference(self.model, self.data, self.ref))
+    m8, ref = _w8a8_and_reference(setup)
+    whole = mixed.greedy_mixed_precision(m8, images, ref, 6.0, sizes, method="minmax")
+    assert whole == kept and len(set(kept.values())) > 1
 
 
 def test_quantize_reports_progress_for_the_search_then_the_calibration(setup):

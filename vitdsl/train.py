@@ -99,6 +99,16 @@ class Data:
         return b
 
 
+def env_int(name: str, default: int) -> int:
+    """A torchrun environment variable (WORLD_SIZE, RANK) as a non-negative integer."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.strip().isdigit()):
+        raise SpecError(f"environment variable {name} must be a non-negative integer, got {text!r}")
+    return int(text)
+
+
 def _stratified_split(labels, test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED, fold: int = 0):
     """Hold out round(n_c * test_fraction) images of every class c; a fixed permutation.
 
@@ -515,10 +525,13 @@ def train(spec_path_or_graph, data: str = "digits", epochs: int = 30, batch_size
             raise SpecError(f"cannot write to the replica checksum directory: {e.strerror or e}",
                             filename=checksum_dir) from None
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int("WORLD_SIZE", 1)
     own_group = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        try:
+            dist.init_process_group("gloo")
+        except ValueError as e:  # torchrun's variables set by hand, some missing or wrong
+            raise SpecError(f"cannot start torch.distributed: {e}") from None
         own_group = True
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     world = dist.get_world_size() if distributed else 1
@@ -742,6 +755,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     """Train a spec (the `vitdsl train` command)."""
+    rank = env_int("RANK", 0)  # checked before training, not after the outputs are written
     if args.threads is not None:
         if args.threads < 1:
             raise SpecError(f"--threads must be at least 1, got {args.threads}")
@@ -753,7 +767,7 @@ def cmd_train(args) -> int:
               weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, warmup_epochs=args.warmup,
               augment=args.augment, max_steps=args.max_steps, checksum_dir=args.replica_checksums,
               max_params=args.max_params, test_fraction=args.test_fraction, fold=args.fold)
-    if m["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+    if m["world_size"] == 1 or rank == 0:
         print(f"{m['model']}: held-out accuracy {m['test_acc']:.2%} on {m['test_size']} images of {m['data']} "
               f"after {m['epochs']} epoch{'s' if m['epochs'] != 1 else ''} ({m['steps']} steps, {m['seconds']:.1f}s, {m['world_size']} process"
               f"{'es' if m['world_size'] > 1 else ''}); wrote {args.output} and "

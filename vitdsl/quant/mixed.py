@@ -14,6 +14,7 @@ Deterministic: ties go to the earlier layer, weights before inputs.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -33,16 +34,30 @@ def averages(state: dict[str, list[int]], sizes: dict[str, tuple[int, int]]) -> 
     return avg_w, avg_a
 
 
+KEEP_LIMIT_BYTES = 4 * 2**30
+"""The most memory the search spends on kept node values; beyond it, whole forwards."""
+
+
+def kept_bytes(graph, images: torch.Tensor) -> int:
+    """One copy of every node's output (and residual-attention scores) for `images`."""
+    per_image = sum(math.prod(t.shape) for n in graph.nodes() for t in (n.out, n.scores) if t is not None)
+    return per_image * images.shape[0] * images.element_size()
+
+
 class _KL:
     """The KL of the model's logits against the reference, rerunning only the nodes
     from a changed layer's on: the values of the nodes before it stay those of the current
     configuration's last run (about half a forward pass per trial, bit-identical to a
-    whole one).  A model without ``run_from`` (any nn.Module) runs whole."""
+    whole one).  Memory: one copy of every node's value plus a forward's live set; a
+    model without ``run_from`` (any nn.Module), or one whose values would take more than
+    KEEP_LIMIT_BYTES, runs whole."""
 
     def __init__(self, model: nn.Module, data: torch.Tensor, ref_logits: torch.Tensor, node_of: dict[str, str]):
         self.model, self.data, self.ref = model, data, ref_logits
-        order = list(getattr(getattr(model, "graph", None), "order", None) or [])
-        self.resumable = hasattr(model, "run_from") and bool(order)
+        graph = getattr(model, "graph", None)
+        order = list(getattr(graph, "order", None) or [])
+        self.resumable = (hasattr(model, "run_from") and bool(order)
+                          and kept_bytes(graph, data) <= KEEP_LIMIT_BYTES)
         self.start = {layer: order.index(node) for layer, node in node_of.items() if node in order}
         self.values: list | None = None  # the current configuration's run
 
@@ -52,11 +67,14 @@ class _KL:
         from ..backends.torch import output_of
 
         start = self.start.get(layer, 0) if layer is not None and self.values is not None else 0
+        prefix = self.values[:start] if start else []
+        if keep:
+            self.values = None  # the old suffix goes before the new one is computed
         with torch.no_grad():
-            values = self.model.run_from(self.data, start, self.values)
-            if keep:
-                self.values = values
-            return kl_of_logits(output_of(values), self.ref)
+            values = self.model.run_from(self.data, start, prefix, keep=keep)
+        if keep:
+            self.values = values
+        return kl_of_logits(output_of(values), self.ref)
 
     def trial(self, layer: str) -> float:
         """With `layer` changed (and nothing else since the last commit)."""

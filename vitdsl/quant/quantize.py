@@ -26,7 +26,7 @@ def load_images(path: str, shape: tuple[int, int, int] | None = None, test_fract
         from ..train import TEST_FRACTION, calibration_images
 
         count = path.split(":", 1)[1] if ":" in path else "32"
-        if not count.isdigit():
+        if not (count.isascii() and count.isdigit()):  # int() refuses '²', which isdigit() accepts
             raise SpecError(f"expected digits or digits:N with N a number of images, got '{path}'")
         if shape is None:
             raise SpecError("digits calibration needs the model's input shape")
