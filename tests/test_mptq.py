@@ -92,6 +92,10 @@ def test_greedy_search_reports_the_true_kl_of_each_configuration(setup):
     assert [shown for shown, _ in pairs] == [f"{true:.3g}" for _, true in pairs]  # every step, as printed
     done = [c[0] for c in calls]
     assert done == sorted(done) and calls[-1][:2] == (100, 100) and all(c[1] == 100 for c in calls)
+    first_round = [c[2] for c in calls[:next(i for i, c in enumerate(calls) if " KL " in c[2])]]
+    moves = sum((w > 0) + (a > 0) for w, a in sizes.values())  # every layer's weights and inputs, once
+    assert first_round == [f"{label.split(' (')[0]} ({i}/{moves})" for i, label in enumerate(first_round, start=1)]
+    assert all(label.startswith("trying ") for label in first_round) and len(first_round) == moves
 
 
 RESIDUAL = BASE.replace("transformer heads=2 qkv_bias", "transformer heads=2 qkv_bias residual(alpha=0.5, learnable)")

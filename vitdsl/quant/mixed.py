@@ -137,18 +137,19 @@ def greedy_mixed_precision(model: nn.Module, data: torch.Tensor, ref_logits: tor
         if not over:
             break
         best = None
-        for n in names:
-            for k in over:
-                if state[n][k] == cands[0] or sizes[n][k] == 0:
-                    continue
-                if (n, k) not in cost:
-                    if progress:  # the first round measures every layer: minutes on a large model
-                        progress(min(99, int(100 * way_done())), 100, f"trying {n}")
-                    cost[(n, k)] = measure(n, k)
-                dloss, saved = cost[(n, k)][:2]
-                score = dloss / saved
-                if best is None or score < best[0]:
-                    best = (score, n, k)
+        moves = [(n, k) for n in names for k in over if state[n][k] != cands[0] and sizes[n][k] != 0]
+        unmeasured = sum(move not in cost for move in moves)
+        tried = 0
+        for n, k in moves:
+            if (n, k) not in cost:
+                tried += 1
+                if progress:  # the first round measures every layer: minutes on a large model
+                    progress(min(99, int(100 * way_done())), 100, f"trying {n} ({tried}/{unmeasured})")
+                cost[(n, k)] = measure(n, k)
+            dloss, saved = cost[(n, k)][:2]
+            score = dloss / saved
+            if best is None or score < best[0]:
+                best = (score, n, k)
         if best is None:  # cannot narrow further
             break
         _, n, k = best
