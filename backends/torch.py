@@ -70,10 +70,11 @@ class VitModel(nn.Module):
         """Every step's value in execution order (graph.order), the first `start` taken
         from `values`, an earlier run's list (left unchanged), and the rest computed.  A
         search that changes one node at a time reruns only the steps from that node on.
-        Nothing is written in place.  keep=False drops each value after its last reader,
-        as the forward does (the list then holds the output and None elsewhere).  The
-        model's output is ``output_of(values)``."""
-        if start and (values is None or start > len(values)):
+        Nothing is written in place.  keep=False drops each computed step's inputs after
+        their last reader, as the forward does (the list then holds the output, None for
+        the dropped values, and any earlier values no computed step reads).  The model's
+        output is ``output_of(values)``."""
+        if start < 0 or (start and (values is None or start > len(values))):
             raise ValueError(f"run_from: start {start} needs the values of the {start} steps before it")
         return self._run(x, list(values[:start]) if start else [], keep=keep, donate=False)
 

@@ -356,12 +356,11 @@ def test_import_weights_to_an_unwritable_path_name_that_path(tmp_path, capsys):
 
 @pytest.mark.parametrize("env, want", [
     ({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE must be a non-negative integer, got 'abc'"),
-    ({"RANK": "abc"}, "environment variable RANK must be a non-negative integer, got 'abc'"),
+    ({"WORLD_SIZE": "2", "RANK": "abc"}, "cannot start torch.distributed: "),
     ({"WORLD_SIZE": "2"}, "cannot start torch.distributed: "),
 ], ids=["world-size", "rank", "no-rank"])
 def test_a_wrong_torchrun_environment_is_an_error_before_training(tmp_path, capsys, monkeypatch, env, want):
-    """torch.distributed's ValueError once reached the user as a traceback (and RANK=abc
-    crashed after the outputs were written)."""
+    """torch.distributed's ValueError once reached the user as a traceback."""
     for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -370,6 +369,16 @@ def test_a_wrong_torchrun_environment_is_an_error_before_training(tmp_path, caps
     assert main(["train", str(_spec(tmp_path, TINY)), "-o", str(out), "--max-steps", "1", "-q"]) == 1
     assert _error(capsys).startswith(f"vitdsl: error: {want}")
     assert os.listdir(tmp_path) == ["m.vit"]
+
+
+def test_one_process_ignores_rank(tmp_path, capsys, monkeypatch):
+    """RANK matters only with several processes (torch.distributed reads it then)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "abc")
+    out = tmp_path / "w.safetensors"
+    spec = _spec(tmp_path, TINY.replace("input image 3x32x32", "input image 1x16x16").replace("size=8", "size=4"))
+    assert main(["train", str(spec), "-o", str(out), "--max-steps", "1", "--epochs", "1", "-q"]) == 0
+    assert out.exists()
 
 
 def test_a_digits_count_in_other_scripts_digits_is_refused(tmp_path, capsys, tiny_weights):

@@ -755,7 +755,6 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     """Train a spec (the `vitdsl train` command)."""
-    rank = env_int("RANK", 0)  # checked before training, not after the outputs are written
     if args.threads is not None:
         if args.threads < 1:
             raise SpecError(f"--threads must be at least 1, got {args.threads}")
@@ -767,7 +766,7 @@ def cmd_train(args) -> int:
               weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, warmup_epochs=args.warmup,
               augment=args.augment, max_steps=args.max_steps, checksum_dir=args.replica_checksums,
               max_params=args.max_params, test_fraction=args.test_fraction, fold=args.fold)
-    if m["world_size"] == 1 or rank == 0:
+    if m["world_size"] == 1 or env_int("RANK", 0) == 0:  # several processes: torch.distributed has read RANK
         print(f"{m['model']}: held-out accuracy {m['test_acc']:.2%} on {m['test_size']} images of {m['data']} "
               f"after {m['epochs']} epoch{'s' if m['epochs'] != 1 else ''} ({m['steps']} steps, {m['seconds']:.1f}s, {m['world_size']} process"
               f"{'es' if m['world_size'] > 1 else ''}); wrote {args.output} and "
