@@ -100,10 +100,7 @@ def calibrate(model: nn.Module, data, method: str = "minmax", percentile: float 
             for batches, batch in enumerate(_batches(data), 1):
                 if batch.dim() != 4:
                     raise InputError(f"calibration batches are images (B, C, H, W); got shape {tuple(batch.shape)}")
-                graph = getattr(model, "graph", None)
-                if graph is not None and tuple(batch.shape[1:]) != tuple(graph.input.out.shape):
-                    raise InputError(f"calibration images are {'x'.join(map(str, batch.shape[1:]))}, "
-                                     f"the model's input is {graph.input.out}")
+                _check_image_shape(model, batch)
                 if batch.shape[0] == 0:  # an empty batch has no range to observe
                     continue
                 model(batch)
@@ -143,14 +140,20 @@ def _stack(data) -> torch.Tensor:
     return x
 
 
+def _check_image_shape(model: nn.Module, images: torch.Tensor) -> None:
+    """Images (B, C, H, W) must match a vitdsl model's input (other models: unchecked)."""
+    graph = getattr(model, "graph", None)
+    if graph is not None and tuple(images.shape[1:]) != tuple(graph.input.out.shape):
+        raise InputError(f"calibration images are {'x'.join(map(str, images.shape[1:]))}, "
+                         f"the model's input is {graph.input.out}")
+
+
 def _mptq(model: nn.Module, data: torch.Tensor, layers, progress) -> nn.Module:
     from .mptq import LayerCalibrator
     from .sqb import fold_sqb
 
-    graph = getattr(model, "graph", None)
-    if graph is not None and tuple(data.shape[1:]) != tuple(graph.input.out.shape):
-        raise InputError(f"calibration images are {'x'.join(map(str, data.shape[1:]))}, the model's input is {graph.input.out}")
-    if graph is not None:
+    _check_image_shape(model, data)
+    if getattr(model, "graph", None) is not None:
         fold_sqb(model, data)  # SQ-b first: it changes the weights the ranges are chosen for
     LayerCalibrator(model, data, sequential=True).calibrate_all(progress=progress)
     return model.eval()

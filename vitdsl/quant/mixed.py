@@ -14,7 +14,6 @@ Deterministic: ties go to the earlier layer, weights before inputs.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -39,9 +38,9 @@ KEEP_LIMIT_BYTES = 4 * 2**30
 
 
 def kept_bytes(graph, images: torch.Tensor) -> int:
-    """One copy of every node's output (and residual-attention scores) for `images`."""
-    per_image = sum(math.prod(t.shape) for n in graph.nodes() for t in (n.out, n.scores) if t is not None)
-    return per_image * images.shape[0] * images.element_size()
+    """One copy of every node's value for `images`: the ops' cost rules' act_bytes per
+    image (fp32 output, and residual attention's scores), as the memory model counts them."""
+    return sum(n.cost.act_bytes for n in graph.nodes() if n.cost) * images.shape[0]
 
 
 class _KL:
